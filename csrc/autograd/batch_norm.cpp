@@ -1,0 +1,142 @@
+// Autograd kernels of the batch-norm operators, so that custom_bn::batch_norm is differentiable
+// from a LibTorch program without Python.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "ops/batch_norm.h"
+
+namespace custom_bn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor undefined_if_empty_mask(const at::Tensor& t, bool wanted) {
+  return wanted ? t : at::Tensor();
+}
+
+class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var, bool training,
+                               double momentum, double eps) {
+    at::Tensor output, save_mean, save_invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(output, save_mean, save_invstd) = batch_norm_forward(
+          input, weight, bias, running_mean, running_var, training, momentum, eps);
+    }
+    if (training && given(running_mean)) {
+      torch::autograd::impl::bump_version(*running_mean);
+      torch::autograd::impl::bump_version(*running_var);
+    }
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), save_mean, save_invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({save_mean, save_invstd});
+    return {output, save_mean, save_invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      ctx->needs_input_grad(2)};
+    variable_list result(8);
+    if (!grads[0].defined()) return result;
+    const c10::optional<at::Tensor> weight =
+        saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+    auto [grad_input, grad_weight, grad_bias] = batch_norm_backward(
+        grads[0], saved[0], weight, saved[2], saved[3], ctx->saved_data["training"].toBool(),
+        ctx->saved_data["eps"].toDouble(), mask);
+    result[0] = undefined_if_empty_mask(grad_input, mask[0]);
+    result[1] = undefined_if_empty_mask(grad_weight, mask[1] && weight.has_value());
+    result[2] = undefined_if_empty_mask(grad_bias, mask[2]);
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+  auto out = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
+                                      momentum, eps);
+  return {out[0], out[1], out[2]};
+}
+
+// The backward expressed with differentiable ATen ops, used only when the backward itself is
+// being differentiated (double backward). In training mode the statistics are recomputed from
+// input so that their dependence on input is part of the graph, as for torch.nn's batch norm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_differentiable(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 3> output_mask) {
+  check_batch_norm_backward_args(grad_output, input, weight, save_mean, save_invstd);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  std::vector<int64_t> reduce_dims = {0};
+  std::vector<int64_t> channel_shape(input.dim(), 1);
+  channel_shape[1] = input.size(1);
+  for (int64_t d = 2; d < input.dim(); ++d) reduce_dims.push_back(d);
+
+  const at::Tensor x = input.to(acc);
+  const at::Tensor dy = grad_output.to(acc);
+  at::Tensor mean, invstd;
+  if (training) {
+    mean = x.mean(reduce_dims, /*keepdim=*/true);
+    const at::Tensor var = (x - mean).square().mean(reduce_dims, /*keepdim=*/true);
+    invstd = (var + eps).rsqrt();
+  } else {
+    mean = save_mean.reshape(channel_shape);
+    invstd = save_invstd.reshape(channel_shape);
+  }
+  const at::Tensor xhat = (x - mean) * invstd;
+  at::Tensor scale = invstd;
+  if (given(weight)) scale = scale * weight->to(acc).reshape(channel_shape);
+
+  at::Tensor grad_input, grad_weight, grad_bias;
+  const auto empty = input.new_empty({0});
+  if (output_mask[0]) {
+    at::Tensor g = dy;
+    if (training) {
+      g = dy - dy.mean(reduce_dims, true) - xhat * (dy * xhat).mean(reduce_dims, true);
+    }
+    grad_input = (g * scale).to(input.scalar_type())
+                     .contiguous(batch_norm_memory_format(input));
+  }
+  const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
+  if (output_mask[1]) grad_weight = (dy * xhat).sum(reduce_dims).to(param_dtype);
+  if (output_mask[2]) grad_bias = dy.sum(reduce_dims).to(param_dtype);
+  return {output_mask[0] ? grad_input : empty, output_mask[1] ? grad_weight : empty,
+          output_mask[2] ? grad_bias : empty};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 3> output_mask) {
+  const bool differentiate =
+      at::GradMode::is_enabled() &&
+      (grad_output.requires_grad() || input.requires_grad() ||
+       (given(weight) && weight->requires_grad()) || save_mean.requires_grad() ||
+       save_invstd.requires_grad());
+  if (differentiate) {
+    return batch_norm_backward_differentiable(grad_output, input, weight, save_mean, save_invstd,
+                                              training, eps, output_mask);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training, eps,
+                             output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
+}
+
+}  // namespace custom_bn

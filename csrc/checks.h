@@ -1,0 +1,150 @@
+#pragma once
+// Argument validation shared by every backend. Each message names the argument, what was
+// expected and what was given. All checks run before any kernel touches memory, so a bad call
+// leaves running statistics untouched.
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <sstream>
+#include <string>
+
+namespace custom_bn {
+
+inline std::string describe_shape(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+inline bool is_reduced_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+
+// dtype of save_mean / save_invstd and of the arithmetic: float for half/bfloat16 inputs.
+inline at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
+  return is_reduced_float(input_dtype) ? at::kFloat : input_dtype;
+}
+
+// Memory format of outputs and gradients: channels-last inputs stay channels-last, everything
+// else (including non-contiguous views) is computed in the contiguous format. The fake kernels
+// in python/custom_bn/_meta.py apply the same rule.
+inline at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
+  if (input.dim() == 4 && !input.is_contiguous() &&
+      input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && !input.is_contiguous() &&
+      input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// Number of values per channel: N * prod(spatial).
+inline int64_t values_per_channel(const at::Tensor& input) {
+  return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
+}
+
+inline void check_input(const char* op, const at::Tensor& input, const char* name = "input") {
+  TORCH_CHECK(input.defined(), op, ": ", name, " must be a defined tensor");
+  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, op, ": ", name,
+              " must have shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got ",
+              input.dim(), "-D ", name, " of shape ", describe_shape(input));
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": ", name, " must be a floating-point tensor (float64, float32, float16 or bfloat16), got ",
+              dt);
+}
+
+// weight, bias, running_mean, running_var: shape [C], on input's device, and one shared dtype
+// that is either input's dtype or float32 (the latter for float16/bfloat16 inputs).
+inline void check_channel_tensor(const char* op, const at::Tensor& input, const at::Tensor& t,
+                                 const char* name) {
+  const int64_t C = input.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape [C]=[", C,
+              "] where C = input.size(1), got shape ", describe_shape(t));
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name,
+              " must be on the same device as input (", input.device(), "), got ", t.device());
+  const auto dt = t.scalar_type();
+  const bool ok = dt == input.scalar_type() ||
+                  (dt == at::kFloat && is_reduced_float(input.scalar_type()));
+  TORCH_CHECK(ok, op, ": ", name, " must have dtype ", input.scalar_type(),
+              is_reduced_float(input.scalar_type()) ? " or Float" : "",
+              " to match input, got ", dt);
+}
+
+// Returns the dtype shared by the per-channel tensors (input's own when none is given).
+inline at::ScalarType check_channel_tensors(
+    const char* op, const at::Tensor& input,
+    std::initializer_list<std::pair<const c10::optional<at::Tensor>*, const char*>> tensors) {
+  c10::optional<at::ScalarType> shared;
+  const char* first_name = nullptr;
+  for (const auto& [t, name] : tensors) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    check_channel_tensor(op, input, **t, name);
+    if (!shared) {
+      shared = (*t)->scalar_type();
+      first_name = name;
+    } else {
+      TORCH_CHECK(*shared == (*t)->scalar_type(), op, ": ", name, " must have the same dtype as ",
+                  first_name, " (", *shared, "), got ", (*t)->scalar_type());
+    }
+  }
+  return shared.value_or(input.scalar_type());
+}
+
+inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Returns the dtype of weight/bias/running stats (see check_channel_tensor).
+inline at::ScalarType check_batch_norm_forward_args(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+  constexpr const char* op = "custom_bn.batch_norm";
+  check_input(op, input);
+  TORCH_CHECK_VALUE(given(running_mean) == given(running_var), op,
+              ": running_mean and running_var must be given together, got running_mean ",
+              given(running_mean) ? "defined" : "None", " and running_var ",
+              given(running_var) ? "defined" : "None");
+  TORCH_CHECK(training || given(running_mean), op,
+              ": running_mean and running_var must be defined in evaluation mode (training=False)");
+  TORCH_CHECK_VALUE(!training || values_per_channel(input) != 1, op,
+              ": Expected more than 1 value per channel when training, got input size ",
+              describe_shape(input));
+  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  return check_channel_tensors(op, input,
+                               {{&weight, "weight"},
+                                {&bias, "bias"},
+                                {&running_mean, "running_mean"},
+                                {&running_var, "running_var"}});
+}
+
+inline void check_batch_norm_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                           const c10::optional<at::Tensor>& weight,
+                                           const at::Tensor& save_mean,
+                                           const at::Tensor& save_invstd) {
+  constexpr const char* op = "custom_bn.batch_norm_backward";
+  check_input(op, input);
+  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == input.sizes(), op,
+              ": grad_output must have input's shape ", describe_shape(input), ", got ",
+              grad_output.defined() ? describe_shape(grad_output) : std::string("undefined"));
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op,
+              ": grad_output must have input's dtype ", input.scalar_type(), ", got ",
+              grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), op,
+              ": grad_output must be on input's device (", input.device(), "), got ",
+              grad_output.device());
+  const auto acc = accumulate_dtype(input.scalar_type());
+  for (const auto& [t, name] :
+       {std::pair<const at::Tensor*, const char*>{&save_mean, "save_mean"},
+        {&save_invstd, "save_invstd"}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), op, ": ", name,
+                " must have shape [C]=[", input.size(1), "], got ", describe_shape(*t));
+    TORCH_CHECK(t->scalar_type() == acc && t->device() == input.device(), op, ": ", name,
+                " must be a ", acc, " tensor on ", input.device(), ", got ", t->scalar_type(),
+                " on ", t->device());
+  }
+  check_channel_tensors(op, input, {{&weight, "weight"}});
+}
+
+}  // namespace custom_bn

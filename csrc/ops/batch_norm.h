@@ -1,0 +1,39 @@
+#pragma once
+// Public C++ API of the batch-norm operators (installed as <custom_bn/ops/batch_norm.h>).
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+
+namespace custom_bn {
+
+// custom_bn::batch_norm_forward. input: (N, C, *) with 0 to 3 spatial dims. Returns
+// (output, save_mean, save_invstd); save_* have shape [C] and the accumulation dtype (float for
+// float16/bfloat16 input). In training mode they are the batch statistics and running_mean /
+// running_var (when given) are updated in place with momentum, running_var with the unbiased
+// variance; in evaluation mode they are running_mean and 1/sqrt(running_var + eps).
+// Differentiable through the Autograd kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps);
+
+// custom_bn::batch_norm_backward. save_mean / save_invstd are what batch_norm_forward returned for
+// the same input, training and eps. Returns (grad_input, grad_weight, grad_bias); a gradient whose
+// output_mask entry is false is returned as an empty tensor (shape [0]). Differentiable (double
+// backward), like torch.nn's batch norm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 3> output_mask);
+
+// Drop-in for at::batch_norm / torch.nn.functional.batch_norm: returns the normalized output and
+// updates running_mean / running_var in place when training. Differentiable.
+at::Tensor batch_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& running_mean,
+                      const c10::optional<at::Tensor>& running_var, bool training,
+                      double momentum = 0.1, double eps = 1e-5);
+
+}  // namespace custom_bn

@@ -1,0 +1,59 @@
+"""Builds custom_bn._C: the operator library (csrc/, kernels/) loaded into Python.
+
+A CUDAExtension when nvcc is found (CUSTOM_BN_WITH_CUDA=0 forces a CPU-only build), else a
+CppExtension. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0". Install with
+`pip install --no-build-isolation .` so the build uses the torch already installed.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("CUSTOM_BN_WITH_CUDA")
+    if flag is not None:
+        return flag.lower() not in ("0", "off", "false", "no", "")
+    return cpp_extension.CUDA_HOME is not None
+
+
+def _sources(with_cuda: bool) -> list:
+    patterns = ["csrc/**/*.cpp", "kernels/cpu/*.cpp"]
+    if with_cuda:
+        patterns.append("kernels/cuda/*.cu")
+    found = []
+    for pattern in patterns:
+        found += sorted(glob.glob(os.path.join(ROOT, pattern), recursive=True))
+    return [os.path.relpath(f, ROOT) for f in found]
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    cxx = ["-O3", "-std=c++20"]
+    kwargs = dict(
+        name="custom_bn._C",
+        sources=_sources(with_cuda),
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
+        define_macros=[("CUSTOM_BN_WITH_CUDA", "1" if with_cuda else "0")],
+    )
+    if with_cuda:
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        return cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    return cpp_extension.CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    name="custom_bn",
+    version="0.1.0",
+    description="Fused BatchNorm operators for PyTorch (CPU and CUDA) with C++ autograd",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch"],
+)
