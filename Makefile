@@ -11,6 +11,11 @@ CMAKE_INSTALL := build/install
 export MAX_JOBS ?= $(shell nproc)
 export PYTHONPATH := $(CURDIR)/python
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# torch finds CUDA through `which nvcc`, which may be a wrapper script outside the toolkit.
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc)))
+ifneq ($(CUDA_HOME),)
+export CUDA_HOME
+endif
 
 .PHONY: setup build build-python build-cmake test test-cpp test-python demo bench clean
 

@@ -20,6 +20,15 @@ def _want_cuda() -> bool:
     return cpp_extension.CUDA_HOME is not None
 
 
+def _cuda_include_dirs() -> list:
+    """CUDA library headers that torch's CUDA headers include (cusparse.h, ...): the CUDA 13
+    wheels ship them under site-packages/nvidia/cu13/include, not in the toolkit."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+
+
 def _sources(with_cuda: bool) -> list:
     patterns = ["csrc/**/*.cpp", "kernels/cpu/*.cpp"]
     if with_cuda:
@@ -42,6 +51,7 @@ def _extension():
     )
     if with_cuda:
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["include_dirs"] += _cuda_include_dirs()
         return cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     return cpp_extension.CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
 
