@@ -30,7 +30,8 @@ def _cuda_include_dirs() -> list:
 
 
 def _sources(with_cuda: bool) -> list:
-    patterns = ["csrc/**/*.cpp", "kernels/cpu/*.cpp"]
+    # csrc/nn (the C++ torch::nn modules) is for LibTorch apps only: the CMake library has it.
+    patterns = ["csrc/ops/*.cpp", "csrc/autograd/*.cpp", "csrc/python/*.cpp", "kernels/cpu/*.cpp"]
     if with_cuda:
         patterns.append("kernels/cuda/*.cu")
     found = []

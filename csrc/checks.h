@@ -95,6 +95,10 @@ inline at::ScalarType check_channel_tensors(
 
 inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// A gradient whose output_mask entry is false: a fresh empty tensor per output, since outputs of
+// an operator must not alias each other.
+inline at::Tensor unrequested_gradient(const at::Tensor& input) { return input.new_empty({0}); }
+
 // Returns the dtype of weight/bias/running stats (see check_channel_tensor).
 inline at::ScalarType check_batch_norm_forward_args(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -111,7 +115,9 @@ inline at::ScalarType check_batch_norm_forward_args(
   TORCH_CHECK_VALUE(!training || values_per_channel(input) != 1, op,
               ": Expected more than 1 value per channel when training, got input size ",
               describe_shape(input));
-  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  // As torch.nn.functional.batch_norm: eps > 0 in training, eps >= 0 in evaluation.
+  TORCH_CHECK_VALUE(training ? eps > 0 : eps >= 0, op, ": eps must be ",
+                    training ? "positive in training" : "non-negative", ", got ", eps);
   return check_channel_tensors(op, input,
                                {{&weight, "weight"},
                                 {&bias, "bias"},

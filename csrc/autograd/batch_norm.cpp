@@ -37,14 +37,19 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), save_mean, save_invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = given(bias);
     ctx->mark_non_differentiable({save_mean, save_invstd});
     return {output, save_mean, save_invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      ctx->needs_input_grad(2)};
+    // needs_input_grad counts only the tensors that were passed: a missing weight shifts bias.
+    const bool has_weight = saved[1].defined();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> mask = {
+        ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
+        has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     variable_list result(8);
     if (!grads[0].defined()) return result;
     const c10::optional<at::Tensor> weight =
@@ -53,7 +58,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
         grads[0], saved[0], weight, saved[2], saved[3], ctx->saved_data["training"].toBool(),
         ctx->saved_data["eps"].toDouble(), mask);
     result[0] = undefined_if_empty_mask(grad_input, mask[0]);
-    result[1] = undefined_if_empty_mask(grad_weight, mask[1] && weight.has_value());
+    result[1] = undefined_if_empty_mask(grad_weight, mask[1]);
     result[2] = undefined_if_empty_mask(grad_bias, mask[2]);
     return result;
   }
@@ -98,7 +103,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_differentiabl
   if (given(weight)) scale = scale * weight->to(acc).reshape(channel_shape);
 
   at::Tensor grad_input, grad_weight, grad_bias;
-  const auto empty = input.new_empty({0});
   if (output_mask[0]) {
     at::Tensor g = dy;
     if (training) {
@@ -110,8 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_differentiabl
   const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
   if (output_mask[1]) grad_weight = (dy * xhat).sum(reduce_dims).to(param_dtype);
   if (output_mask[2]) grad_bias = dy.sum(reduce_dims).to(param_dtype);
-  return {output_mask[0] ? grad_input : empty, output_mask[1] ? grad_weight : empty,
-          output_mask[2] ? grad_bias : empty};
+  return {output_mask[0] ? grad_input : unrequested_gradient(input),
+          output_mask[1] ? grad_weight : unrequested_gradient(input),
+          output_mask[2] ? grad_bias : unrequested_gradient(input)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(

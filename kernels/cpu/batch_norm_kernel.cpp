@@ -456,11 +456,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const auto acc = accumulate_dtype(input.scalar_type());
   const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
   const Geometry g = geometry_of(input, fmt);
-  const auto empty = input.new_empty({0});
   // The reductions feed grad_weight/grad_bias and, in training, grad_input.
   const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
 
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt) : empty;
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)
+                                          : unrequested_gradient(input);
   at::Tensor grad_weight, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
@@ -526,12 +526,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
         gw_ptr[c] = acc_t(sum_dot[c] * double(invstd[c]));
         gb_ptr[c] = acc_t(sum_dy[c]);
       }
-      grad_weight = output_mask[1] ? gw.to(param_dtype) : empty;
-      grad_bias = output_mask[2] ? gb.to(param_dtype) : empty;
+      if (output_mask[1]) grad_weight = gw.to(param_dtype);
+      if (output_mask[2]) grad_bias = gb.to(param_dtype);
     }
   });
-  if (!grad_weight.defined()) grad_weight = empty;
-  if (!grad_bias.defined()) grad_bias = empty;
+  if (!output_mask[1]) grad_weight = unrequested_gradient(input);
+  if (!output_mask[2]) grad_bias = unrequested_gradient(input);
   return {grad_input, grad_weight, grad_bias};
 }
 

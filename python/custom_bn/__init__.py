@@ -1,0 +1,16 @@
+"""custom_bn: BatchNorm as torch operators (fused CPU and CUDA kernels, C++ autograd).
+
+Importing the package loads the compiled operator library ``custom_bn._C``, which registers
+``torch.ops.custom_bn.*``, and the fake kernels that let torch.compile/torch.export trace them.
+"""
+
+import torch  # noqa: F401  (loads libtorch, which custom_bn._C links against)
+
+from . import _C  # noqa: F401  (registers torch.ops.custom_bn.*)
+from . import _meta  # noqa: F401  (fake kernels for torch.compile / export)
+from . import functional
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "__version__"]

@@ -1,0 +1,183 @@
+"""Fake (meta) kernels of the custom_bn operators, for torch.compile, torch.export and FakeTensor.
+
+A fake kernel computes only output metadata (shape, dtype, strides, device). It must agree
+exactly with what the real CPU/CUDA kernels return, so every rule here mirrors csrc/checks.h:
+
+* outputs and gradients of ``input``'s shape keep the channels-last layout of a 4-D/5-D
+  channels-last input (one that is not also plain contiguous); everything else is contiguous;
+* ``save_mean`` / ``save_invstd`` have shape ``[C]`` and the accumulation dtype (float32 for
+  float16/bfloat16 input, else input's dtype);
+* a gradient masked out by ``output_mask`` is an empty tensor of shape ``[0]`` and input's dtype.
+
+The cheap argument checks (rank, dtype, ``[C]`` shapes) are repeated so that a bad call fails
+while tracing with the same kind of error as in eager mode.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+_FORWARD = "custom_bn::batch_norm_forward"
+_BACKWARD = "custom_bn::batch_norm_backward"
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_REDUCED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def batch_norm_memory_format(input: Tensor) -> torch.memory_format:
+    """Memory format of an output shaped like ``input`` (the rule of csrc/checks.h)."""
+    if input.dim() == 4 and not input.is_contiguous():
+        if input.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+    if input.dim() == 5 and not input.is_contiguous():
+        if input.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved statistics: float32 for float16/bfloat16, else ``dtype`` itself."""
+    return torch.float32 if dtype in _REDUCED_DTYPES else dtype
+
+
+def _check_input(op: str, input: Tensor) -> None:
+    torch._check(
+        2 <= input.dim() <= 5,
+        lambda: f"{op}: input must have shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
+        f"got {input.dim()}-D input of shape {list(input.shape)}",
+    )
+    torch._check(
+        input.dtype in _FLOAT_DTYPES,
+        lambda: f"{op}: input must be a floating-point tensor (float64, float32, float16 or "
+        f"bfloat16), got {input.dtype}",
+    )
+
+
+def _check_channel_tensors(
+    op: str, input: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]
+) -> None:
+    channels = input.shape[1]
+    shared: Optional[Tensor] = None
+    shared_name = ""
+    for name, t in named:
+        if t is None:
+            continue
+        torch._check(
+            t.dim() == 1 and t.shape[0] == channels,
+            lambda: f"{op}: {name} must have shape [C]=[{channels}] where C = input.size(1), "
+            f"got shape {list(t.shape)}",
+        )
+        torch._check(
+            t.device == input.device,
+            lambda: f"{op}: {name} must be on the same device as input ({input.device}), "
+            f"got {t.device}",
+        )
+        allowed = t.dtype == input.dtype or (
+            t.dtype == torch.float32 and input.dtype in _REDUCED_DTYPES
+        )
+        torch._check(
+            allowed,
+            lambda: f"{op}: {name} must have dtype {input.dtype} to match input, got {t.dtype}",
+        )
+        if shared is None:
+            shared, shared_name = t, name
+        else:
+            torch._check(
+                t.dtype == shared.dtype,
+                lambda: f"{op}: {name} must have the same dtype as {shared_name} "
+                f"({shared.dtype}), got {t.dtype}",
+            )
+
+
+@torch.library.register_fake(_FORWARD)
+def _batch_norm_forward_fake(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    op = "custom_bn.batch_norm"
+    _check_input(op, input)
+    torch._check_value(
+        (running_mean is None) == (running_var is None),
+        lambda: f"{op}: running_mean and running_var must be given together",
+    )
+    torch._check(
+        training or running_mean is not None,
+        lambda: f"{op}: running_mean and running_var must be defined in evaluation mode "
+        "(training=False)",
+    )
+    torch._check_value(
+        not training or input.shape[1] == 0 or input.numel() != input.shape[1],
+        lambda: f"{op}: Expected more than 1 value per channel when training, got input size "
+        f"{list(input.shape)}",
+    )
+    torch._check_value(
+        eps > 0 if training else eps >= 0,
+        lambda: f"{op}: eps must be "
+        f"{'positive in training' if training else 'non-negative'}, got {eps}",
+    )
+    named = [
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ]
+    _check_channel_tensors(op, input, named)
+    channels = input.shape[1]
+    output = torch.empty_like(input, memory_format=batch_norm_memory_format(input))
+    stats_dtype = accumulate_dtype(input.dtype)
+    save_mean = input.new_empty((channels,), dtype=stats_dtype)
+    save_invstd = input.new_empty((channels,), dtype=stats_dtype)
+    return output, save_mean, save_invstd
+
+
+@torch.library.register_fake(_BACKWARD)
+def _batch_norm_backward_fake(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    eps: float,
+    output_mask: Sequence[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    op = "custom_bn.batch_norm_backward"
+    _check_input(op, input)
+    torch._check(
+        grad_output.shape == input.shape,
+        lambda: f"{op}: grad_output must have input's shape {list(input.shape)}, "
+        f"got {list(grad_output.shape)}",
+    )
+    torch._check(
+        grad_output.dtype == input.dtype,
+        lambda: f"{op}: grad_output must have input's dtype {input.dtype}, got {grad_output.dtype}",
+    )
+    for name, stat in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        torch._check(
+            stat.dim() == 1 and stat.shape[0] == input.shape[1],
+            lambda: f"{op}: {name} must have shape [C]=[{input.shape[1]}], got {list(stat.shape)}",
+        )
+        torch._check(
+            stat.dtype == accumulate_dtype(input.dtype),
+            lambda: f"{op}: {name} must be a {accumulate_dtype(input.dtype)} tensor, "
+            f"got {stat.dtype}",
+        )
+    _check_channel_tensors(op, input, [("weight", weight)])
+    channels = input.shape[1]
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    if output_mask[0]:
+        grad_input = torch.empty_like(input, memory_format=batch_norm_memory_format(input))
+    else:
+        grad_input = input.new_empty((0,))
+    grads = [grad_input]
+    for wanted in (output_mask[1], output_mask[2]):
+        grads.append(
+            input.new_empty((channels,), dtype=param_dtype) if wanted else input.new_empty((0,))
+        )
+    return grads[0], grads[1], grads[2]

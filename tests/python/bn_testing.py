@@ -1,0 +1,208 @@
+"""Helpers shared by the pytest suite: input layouts, tolerances, and comparisons."""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+import pytest
+import torch
+from torch import Tensor
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+# (rtol, atol) per dtype. atol is relative to the largest magnitude of the expected tensor (at
+# least 1), so one table serves outputs (~1) and reductions such as grad_weight (~sqrt(N*HW)).
+# float16/bfloat16 follow torch's own test tolerances for low-precision batch norm.
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch's reference computations on one thread.
+
+    ATen's CPU batch norm opens a parallel region even for tiny tensors; on a small, busy machine
+    each such region can cost tens of milliseconds, which would dominate the suite's runtime. Our
+    operators keep the default thread count so that their parallel paths are exercised.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:
+    """assert_close at ``dtype``'s tolerance, atol scaled by max(1, max|expected|)."""
+    rtol, atol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.detach().double(),
+        expected.detach().double(),
+        rtol=rtol,
+        atol=atol * scale,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def assert_close_or_no_worse(
+    actual: Tensor, expected: Tensor, reference: Tensor, dtype: torch.dtype, what: str
+) -> None:
+    """For float16/bfloat16: ``actual`` must match torch's result at the same precision
+    (``expected``) within dtype's tolerance, or be at most twice as far as ``expected`` from the
+    float64 ``reference``. The second form covers ill-conditioned values (e.g. grad_input of a
+    channel with two values, which is rounding noise around zero in any low-precision kernel).
+    float32/float64 results must simply match ``expected``.
+    """
+    if dtype in (torch.float32, torch.float64):
+        assert_close(actual, expected, dtype, what)
+        return
+    try:
+        assert_close(actual, expected, dtype, what)
+    except AssertionError as mismatch:
+        ref = reference.detach().double()
+        ours = (actual.detach().double() - ref).abs().max().item()
+        theirs = (expected.detach().double() - ref).abs().max().item()
+        _, atol = TOLERANCES[dtype]
+        assert (
+            ours <= 2 * theirs + atol * 1e-2
+        ), f"{what}: max error vs float64 {ours:.3g} exceeds twice torch's {theirs:.3g}\n{mismatch}"
+
+
+def memory_format_rule(x: Tensor) -> torch.memory_format:
+    """Expected layout of outputs shaped like ``x``: channels-last stays channels-last."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    if (
+        x.dim() == 5
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def expected_strides(x: Tensor) -> Tuple[int, ...]:
+    return torch.empty_like(x, memory_format=memory_format_rule(x)).stride()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An input of ``shape`` laid out as ``kind``: contiguous, channels_last, sliced, transposed."""
+
+    shape: Tuple[int, ...]
+    kind: str
+
+    @property
+    def id(self) -> str:
+        return f"{'x'.join(map(str, self.shape))}-{self.kind}"
+
+    def make(self, dtype: torch.dtype, device: str = "cpu") -> Tensor:
+        """A random input of exactly ``shape`` with the requested strides.
+
+        Values have a per-channel offset so that the statistics are not centred at zero.
+        """
+        shape = self.shape
+        offset_shape = [1] * len(shape)
+        offset_shape[1] = shape[1]
+        if self.kind == "sliced":
+            # every other element of the last dim, and skip the first batch entry
+            base = torch.randn(shape[0] + 1, *shape[1:-1], 2 * shape[-1], dtype=torch.float64)
+            x = base[1:, ..., ::2]
+        elif self.kind == "transposed":
+            # the last two dims swapped in memory
+            x = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=torch.float64).transpose(
+                -1, -2
+            )
+        else:
+            x = torch.randn(shape, dtype=torch.float64)
+        x = x * 1.5 + torch.randn(offset_shape, dtype=torch.float64)
+        if self.kind == "channels_last":
+            fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+            x = x.contiguous(memory_format=fmt)
+        elif self.kind == "contiguous":
+            x = x.contiguous()
+        # .to() keeps the strides of a dense tensor; sliced views are rebuilt below
+        if self.kind == "sliced":
+            y = torch.empty(shape[0] + 1, *shape[1:-1], 2 * shape[-1], dtype=dtype, device=device)
+            y = y[1:, ..., ::2]
+            y.copy_(x)
+            out = y
+        else:
+            out = x.to(dtype=dtype, device=device)
+        assert out.shape == torch.Size(shape)
+        if self.kind == "contiguous":
+            assert out.is_contiguous()
+        elif self.kind == "channels_last":
+            assert out.is_contiguous(
+                memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+            )
+        else:
+            assert not out.is_contiguous() and memory_format_rule(out) == torch.contiguous_format
+        return out
+
+
+LAYOUTS = [
+    Layout((2, 1), "contiguous"),
+    Layout((64, 17), "contiguous"),
+    Layout((5, 3), "transposed"),
+    Layout((3, 17, 7), "contiguous"),
+    Layout((4, 3, 9), "sliced"),
+    Layout((2, 5, 6), "transposed"),
+    Layout((2, 3, 1, 1), "contiguous"),
+    Layout((64, 17, 1, 1), "contiguous"),
+    Layout((4, 17, 5, 3), "contiguous"),
+    Layout((4, 17, 5, 3), "channels_last"),
+    Layout((3, 3, 5, 7), "channels_last"),
+    Layout((3, 1, 4, 4), "channels_last"),  # C=1: both formats at once, computed as contiguous
+    Layout((2, 3, 1, 1), "channels_last"),
+    Layout((4, 3, 6, 5), "sliced"),
+    Layout((4, 5, 3, 6), "transposed"),
+    Layout((2, 3, 2, 3, 4), "contiguous"),
+    Layout((2, 3, 2, 3, 4), "channels_last"),
+    Layout((3, 17, 2, 1, 3), "channels_last"),
+    Layout((2, 4, 3, 2, 2), "sliced"),
+    Layout((2, 1, 1, 1, 1), "contiguous"),
+]
+
+
+def channel_params(
+    channels: int, dtype: torch.dtype, device: str = "cpu", affine: bool = True, stats: bool = True
+) -> Dict[str, Optional[Tensor]]:
+    """Random weight/bias (when affine) and running stats (when stats) of shape [C]."""
+    opts = {"dtype": dtype, "device": device}
+    return {
+        "weight": (torch.rand(channels, **opts) + 0.5) if affine else None,
+        "bias": torch.randn(channels, **opts) if affine else None,
+        "running_mean": torch.randn(channels, **opts) * 0.1 if stats else None,
+        "running_var": (torch.rand(channels, **opts) + 0.5) if stats else None,
+    }
+
+
+def clone_optional(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().clone()
+
+
+def reduce_dims(x: Tensor) -> Tuple[int, ...]:
+    return (0,) + tuple(range(2, x.dim()))
+
+
+def leaf(t: Optional[Tensor], requires_grad: bool = True) -> Optional[Tensor]:
+    """A detached leaf sharing ``t``'s storage and strides."""
+    return None if t is None else t.detach().requires_grad_(requires_grad)
+
+
+def grads(out: Tensor, inputs: Dict[str, Optional[Tensor]], grad_out: Tensor) -> Dict[str, Tensor]:
+    names = [k for k, v in inputs.items() if v is not None and v.requires_grad]
+    got = torch.autograd.grad(out, [inputs[k] for k in names], grad_out)
+    return dict(zip(names, got))
