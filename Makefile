@@ -35,7 +35,6 @@ build-python: setup
 
 build-cmake: setup
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
-	  -DPython3_EXECUTABLE=$(CURDIR)/$(PY) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
 	  -DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(CMAKE_INSTALL)
 	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
