@@ -17,7 +17,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: setup build build-python build-cmake test test-cpp test-python demo bench clean
+.PHONY: setup build build-python build-cmake test test-cpp test-python demo clean
 
 setup: $(SETUP_STAMP)
 	@dpkg -s libgtest-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libgtest-dev; }

@@ -33,16 +33,19 @@ CBN_HOST_DEVICE CBN_INLINE acc_t running_update(acc_t running, acc_t batch, acc_
   return running * (acc_t(1) - momentum) + batch * momentum;
 }
 
-// Backward in training mode: dx = dy * k_dy + x * k_x + k_c, where
+// Backward in training mode: dx = dy * k_dy + (x - mean) * k_x + k_c, where
 //   k_dy = w * invstd
 //   k_x  = -w * invstd^3 * sum(dy * (x - mean)) / n
-//   k_c  = -k_dy * sum(dy) / n - k_x * mean
-// In eval mode the statistics are constants, so k_x = k_c = 0.
+//   k_c  = -k_dy * sum(dy) / n
+// x is centred before the multiply: folding mean into k_c (x * k_x - mean * k_x) cancels
+// catastrophically in float when |mean| >> std. In eval mode the statistics are constants, so
+// k_x = k_c = 0.
 template <typename acc_t>
 struct BackwardCoeffs {
   acc_t k_dy;
   acc_t k_x;
   acc_t k_c;
+  acc_t mean;
 };
 
 template <typename acc_t>
@@ -50,10 +53,10 @@ CBN_HOST_DEVICE CBN_INLINE BackwardCoeffs<acc_t> fold_backward(acc_t mean, acc_t
                                                                acc_t sum_dy, acc_t sum_dy_xmu,
                                                                acc_t count, bool training) {
   const acc_t k_dy = w * invstd;
-  if (!training) return {k_dy, acc_t(0), acc_t(0)};
+  if (!training) return {k_dy, acc_t(0), acc_t(0), mean};
   const acc_t inv_n = acc_t(1) / count;
   const acc_t k_x = -k_dy * invstd * invstd * sum_dy_xmu * inv_n;
-  return {k_dy, k_x, -k_dy * sum_dy * inv_n - k_x * mean};
+  return {k_dy, k_x, -k_dy * sum_dy * inv_n, mean};
 }
 
 }  // namespace custom_bn

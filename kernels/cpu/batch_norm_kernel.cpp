@@ -120,16 +120,17 @@ std::pair<double, double> contiguous_chunk_grad_sums(const scalar_t* dy, const s
   return {double(sum), double(dot)};
 }
 
-// out[i] = a[i] * ka + (b ? b[i] * kb : 0) + kc over n contiguous values: the normalize pass
-// (a = x) and the grad_input pass (a = dy, b = x) of the contiguous layout.
+// out[i] = a[i] * ka + (b ? (b[i] - b_shift) * kb : 0) + kc over n contiguous values: the
+// normalize pass (a = x) and the grad_input pass (a = dy, b = x, b_shift = mean) of the
+// contiguous layout.
 template <typename scalar_t>
 void contiguous_affine(scalar_t* out, const scalar_t* a, at::opmath_type<scalar_t> ka,
-                       const scalar_t* b, at::opmath_type<scalar_t> kb,
-                       at::opmath_type<scalar_t> kc, int64_t n) {
+                       const scalar_t* b, at::opmath_type<scalar_t> b_shift,
+                       at::opmath_type<scalar_t> kb, at::opmath_type<scalar_t> kc, int64_t n) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  const Vec vka(ka), vkb(kb), vkc(kc);
+  const Vec vka(ka), vkb(kb), vkc(kc), vshift(b_shift);
   int64_t i = 0;
   if (b == nullptr) {
     for (; i + IO::kWidth <= n; i += IO::kWidth) {
@@ -138,10 +139,10 @@ void contiguous_affine(scalar_t* out, const scalar_t* a, at::opmath_type<scalar_
     for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka + kc);
   } else {
     for (; i + IO::kWidth <= n; i += IO::kWidth) {
-      const Vec t = at::vec::fmadd(IO::load(b + i), vkb, vkc);
+      const Vec t = at::vec::fmadd(IO::load(b + i) - vshift, vkb, vkc);
       IO::store(out + i, at::vec::fmadd(IO::load(a + i), vka, t));
     }
-    for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka + (acc_t(b[i]) * kb + kc));
+    for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka + ((acc_t(b[i]) - b_shift) * kb + kc));
   }
 }
 
@@ -297,10 +298,12 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
   }
 }
 
-// out = a * ka[c] + (b ? b * kb[c] : 0) + kc[c] over rows of C values (channels-last).
+// out = a * ka[c] + (b ? (b - b_shift[c]) * kb[c] : 0) + kc[c] over rows of C values
+// (channels-last).
 template <typename scalar_t>
 void rows_affine(scalar_t* out, const scalar_t* a, const at::opmath_type<scalar_t>* ka,
-                 const scalar_t* b, const at::opmath_type<scalar_t>* kb,
+                 const scalar_t* b, const at::opmath_type<scalar_t>* b_shift,
+                 const at::opmath_type<scalar_t>* kb,
                  const at::opmath_type<scalar_t>* kc, const Geometry& g) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
@@ -314,12 +317,14 @@ void rows_affine(scalar_t* out, const scalar_t* a, const at::opmath_type<scalar_
       int64_t c = 0;
       for (; c + IO::kWidth <= C; c += IO::kWidth) {
         Vec t = Vec::loadu(kc + c);
-        if (b_row) t = at::vec::fmadd(IO::load(b_row + c), Vec::loadu(kb + c), t);
+        if (b_row) {
+          t = at::vec::fmadd(IO::load(b_row + c) - Vec::loadu(b_shift + c), Vec::loadu(kb + c), t);
+        }
         IO::store(o_row + c, at::vec::fmadd(IO::load(a_row + c), Vec::loadu(ka + c), t));
       }
       for (; c < C; ++c) {
         acc_t t = kc[c];
-        if (b_row) t += acc_t(b_row[c]) * kb[c];
+        if (b_row) t += (acc_t(b_row[c]) - b_shift[c]) * kb[c];
         o_row[c] = scalar_t(acc_t(a_row[c]) * ka[c] + t);
       }
     }
@@ -406,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
         alpha[c] = k.alpha;
         beta[c] = k.beta;
       }
-      rows_affine<scalar_t>(y, x, alpha.data(), nullptr, nullptr, beta.data(), g);
+      rows_affine<scalar_t>(y, x, alpha.data(), nullptr, nullptr, nullptr, beta.data(), g);
     } else {
       const int64_t stride_n = g.c * g.hw;
       at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
@@ -426,8 +431,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
           const auto k = fold_affine(mean_ptr[c], invstd_ptr[c], w_ptr[c], b_ptr[c]);
           for (int64_t n = 0; n < g.n; ++n) {
             const int64_t off = n * stride_n + c * g.hw;
-            contiguous_affine<scalar_t>(y + off, x + off, k.alpha, nullptr, acc_t(0), k.beta,
-                                        g.hw);
+            contiguous_affine<scalar_t>(y + off, x + off, k.alpha, nullptr, acc_t(0), acc_t(0),
+                                        k.beta, g.hw);
           }
         }
       });
@@ -487,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
           k_x[c] = k.k_x;
           k_c[c] = k.k_c;
         }
-        rows_affine<scalar_t>(dx, dy, k_dy.data(), training ? x : nullptr, k_x.data(),
+        rows_affine<scalar_t>(dx, dy, k_dy.data(), training ? x : nullptr, mean, k_x.data(),
                               k_c.data(), g);
       }
     } else {
@@ -511,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
           for (int64_t n = 0; n < g.n; ++n) {
             const int64_t off = n * stride_n + c * g.hw;
             contiguous_affine<scalar_t>(dx + off, dy + off, k.k_dy, training ? x + off : nullptr,
-                                        k.k_x, k.k_c, g.hw);
+                                        k.mean, k.k_x, k.k_c, g.hw);
           }
         }
       });
