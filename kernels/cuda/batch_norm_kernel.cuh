@@ -1,13 +1,13 @@
 #pragma once
 // CUDA kernel bodies of custom_bn::batch_norm_forward / batch_norm_backward. Launch shapes come
-// from launch_config.h; launchers are in batch_norm_kernel.cu. Only device_primitives.cuh and
-// kernels/common are used, so the CPU emulator of tests/cpp can run these same bodies.
+// from launch_config.h, the launch sequence from batch_norm_launch.h. Only device_primitives.cuh
+// and kernels/common are used, so the CPU emulator of tests/cpp/emulator runs these same bodies.
 //
 // Forward (training): collect_stats (Welford per channel, last block merges and finalizes:
 // save_mean, save_invstd, running stats) then transform (y = x * alpha + beta).
 // Forward (eval): eval_stats (per channel, from the running stats) then transform.
 // Backward: backward_reduce (sum dy, sum dy * (x - mean); last block writes them and grad_weight
-// / grad_bias) then backward_elementwise (dx = dy * k_dy + x * k_x + k_c).
+// / grad_bias) then backward_elementwise (dx = dy * k_dy + (x - mean) * k_x + k_c).
 //
 // Every reduction splits a channel over grid.y blocks. Each block writes its partial result to
 // a workspace and bumps the channel's (or channel tile's) counter; the block that arrives last
@@ -21,6 +21,7 @@
 
 namespace custom_bn {
 namespace cuda_kernels {
+inline namespace CBN_KERNEL_NAMESPACE {
 
 // ---------------------------------------------------------------------------------------------
 // Reduction values: how a thread's partial result is combined, moved through a warp shuffle
@@ -436,7 +437,7 @@ CBN_KERNEL void batch_norm_backward_reduce_channels_last_kernel(
   reduce_channels_last(policy, rows, C, partial, counters);
 }
 
-// Coefficients of dx = dy * k_dy + x * k_x + k_c. In eval mode the statistics are constants:
+// Coefficients of dx = dy * k_dy + (x - mean) * k_x + k_c. In eval mode the statistics are constants:
 // only k_dy is used and neither the sums nor the mean are read (they may be null).
 template <bool kTraining, typename param_t, typename acc_t>
 CBN_DEVICE BackwardCoeffs<acc_t> backward_coeffs(int64_t c, const acc_t* mean,
@@ -455,7 +456,7 @@ CBN_DEVICE scalar_t backward_element(const BackwardCoeffs<acc_t>& k, const scala
                                      const scalar_t* input, int64_t off) {
   const acc_t dy = static_cast<acc_t>(grad_output[off]);
   if (!kTraining) return static_cast<scalar_t>(dy * k.k_dy);
-  return static_cast<scalar_t>(dy * k.k_dy + static_cast<acc_t>(input[off]) * k.k_x + k.k_c);
+  return static_cast<scalar_t>(dy * k.k_dy + (static_cast<acc_t>(input[off]) - k.mean) * k.k_x + k.k_c);
 }
 
 template <bool kTraining, typename scalar_t, typename param_t, typename acc_t, typename index_t>
@@ -484,5 +485,6 @@ CBN_KERNEL void batch_norm_backward_elementwise_channels_last_kernel(
   });
 }
 
+}  // namespace CBN_KERNEL_NAMESPACE
 }  // namespace cuda_kernels
 }  // namespace custom_bn

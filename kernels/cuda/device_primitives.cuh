@@ -2,14 +2,21 @@
 // The only way kernel bodies in kernels/cuda/*.cuh touch the hardware: thread and block
 // indices, barriers, warp shuffles, atomics, shared memory, fences and fast math. Under nvcc
 // each primitive is the CUDA intrinsic; under a host compiler the same kernel bodies are run by
-// the CPU emulator of tests/cpp, so a kernel that used an intrinsic directly could not be tested
-// on a machine without a GPU.
+// the CPU emulator of tests/cpp/emulator, so a kernel that used an intrinsic directly could not
+// be tested on a machine without a GPU.
 //
-// Contract of the emulator header (included when CUSTOM_BN_CUDA_EMULATOR is defined, found on
-// the include path as "cuda_emulator.h"): it must provide, in namespace custom_bn::dev, the same
-// functions as the nvcc branch below with the same signatures, and the macro
+// Contract of the emulator header (tests/cpp/emulator/cuda_emulator.h, included when
+// CUSTOM_BN_CUDA_EMULATOR is defined and found on the include path as "cuda_emulator.h"): it
+// must provide, in namespace custom_bn::dev, the same functions as the nvcc branch below, callable
+// with the same arguments (it may add defaulted ones, e.g. the call site), and the macro
 // CBN_STATIC_SHARED(type, name, count), which declares `name` as an array-like object of `count`
 // values of `type` shared by the threads of one block (subscriptable as name[i]).
+//
+// CBN_KERNEL_NAMESPACE names an inline namespace around the kernel bodies that differs between
+// the two builds, so an emulated kernel (an ordinary host function) never has the mangled name
+// of the nvcc host stub of the same kernel: a test executable that links a CUDA-enabled
+// libcustom_bn cannot have one resolve to the other.
+//
 // Index accessors return int: block and grid sizes fit, and signed indices avoid mixing
 // unsigned arithmetic into the kernels' index_t (int32_t or int64_t) computations.
 
@@ -19,6 +26,7 @@
 // wrappers cost nothing.
 #define CBN_KERNEL __global__
 #define CBN_DEVICE __device__ __forceinline__
+#define CBN_KERNEL_NAMESPACE device
 
 // Static shared memory. The storage must be trivially constructible (nvcc rejects __shared__
 // objects with constructors), so declare plain arrays of arithmetic types here and keep
@@ -88,11 +96,12 @@ CBN_DEVICE double sqrt(double x) { return ::sqrt(x); }
 // functions, and the emulator supplies the primitives (see the contract above).
 #define CBN_KERNEL inline
 #define CBN_DEVICE inline
+#define CBN_KERNEL_NAMESPACE emulated
 #include "cuda_emulator.h"
 
 #else
 
-#error "kernels/cuda/device_primitives.cuh: compile CUDA kernel bodies with nvcc, or define CUSTOM_BN_CUDA_EMULATOR and put the emulator header (tests/cpp/cuda_emulator.h) on the include path to run them on the CPU"
+#error "kernels/cuda/device_primitives.cuh: compile CUDA kernel bodies with nvcc, or define CUSTOM_BN_CUDA_EMULATOR and put the emulator header (tests/cpp/emulator/cuda_emulator.h) on the include path to run them on the CPU"
 
 #endif
 

@@ -1,7 +1,8 @@
 #pragma once
 // Grid, block and shared-memory sizes of the CUDA batch-norm kernels. Plain host C++ with no
-// CUDA headers, so the launchers in batch_norm_kernel.cu and the emulated kernel tests in
-// tests/cpp run every kernel with the same configurations.
+// CUDA headers, used by the launch sequence of batch_norm_launch.h, which the real launchers
+// (batch_norm_kernel.cu) and the emulated kernel tests (tests/cpp/emulator) share, so every
+// kernel runs with the same configurations in both.
 //
 // Two layouts (see batch_norm_kernel.cuh):
 //  - contiguous: channel c is N runs of HW contiguous values. grid.x = C (one channel per
@@ -45,6 +46,10 @@ struct Tuning {
   int elementwise_blocks_per_sm = 16;  // more blocks hide the latency of streaming kernels
   int reduce_items_per_thread = 16;    // a split must give each thread at least this much work
   int elementwise_items_per_thread = 4;
+  // Inputs with fewer elements use 32-bit indices in the kernels. Grid-stride loops overshoot
+  // their bound by up to one stride (< 2^27 with grid.y <= 65535 and <= 1024 threads), so stay
+  // clear of INT32_MAX; tests lower it to reach the 64-bit kernels on small shapes.
+  int64_t max_numel_32bit_index = int64_t(1) << 30;
 };
 
 struct LaunchConfig {

@@ -1,0 +1,393 @@
+#pragma once
+// Host side of the CUDA batch-norm operators: argument checks, layout and dtype dispatch,
+// output and workspace allocation, and which kernel runs when, with which launch configuration
+// and arguments. It is written once against a small backend, so that the real launchers
+// (batch_norm_kernel.cu: <<<>>> on the current stream) and the emulated kernel tests
+// (tests/cpp/emulator: CPU tensors, the same kernel bodies run by the CPU emulator) execute the
+// same sequence; a launch bug cannot hide in a test-only copy of it.
+//
+// A backend provides
+//   using DeviceGuard = ...;                      constructible from the input's at::Device
+//   int num_sms() const;                          multiprocessors, for the grid heuristics
+//   const cuda_launch::Tuning& tuning() const;    the launchers' knobs (defaults on a GPU)
+//   template <auto kernel, typename... Args>
+//   void launch(const cuda_launch::LaunchConfig& cfg, Args... args) const;
+// where launch runs `kernel(args...)` on grid (cfg.grid_x, cfg.grid_y), block (cfg.block_x,
+// cfg.block_y) with cfg.shared_bytes of dynamic shared memory. Tensors are allocated with
+// at::empty / at::zeros on the input's device by both backends.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <array>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include "batch_norm_kernel.cuh"
+#include "checks.h"
+#include "launch_config.h"
+
+namespace custom_bn {
+namespace cuda_launch {
+namespace detail {
+
+inline Geometry geometry_of(const at::Tensor& input, at::MemoryFormat fmt) {
+  Geometry g;
+  g.n = input.size(0);
+  g.c = input.size(1);
+  g.hw = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) g.hw *= input.size(d);
+  g.layout = choose_layout(fmt != at::MemoryFormat::Contiguous, g.hw);
+  return g;
+}
+
+// Partial results of a split reduction and the zeroed arrival counters of its last-block merge.
+struct ReduceWorkspace {
+  at::Tensor partial;
+  at::Tensor counters;
+
+  template <typename acc_t>
+  acc_t* partial_ptr() const {
+    return partial.data_ptr<acc_t>();
+  }
+  // The kernels count with unsigned atomics; int32 is the tensor dtype of the same width.
+  unsigned* counters_ptr() const { return reinterpret_cast<unsigned*>(counters.data_ptr<int>()); }
+};
+
+inline ReduceWorkspace reduce_workspace(const LaunchConfig& cfg, const Geometry& g, int fields,
+                                        const at::TensorOptions& acc_options) {
+  return {at::empty({fields * partial_slots(cfg, g)}, acc_options),
+          at::zeros({counters(cfg)}, acc_options.dtype(at::kInt))};
+}
+
+template <typename param_t>
+param_t* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return given(t) ? t->data_ptr<param_t>() : nullptr;
+}
+
+inline int64_t optional_stride(const c10::optional<at::Tensor>& t) {
+  return given(t) ? t->stride(0) : 0;
+}
+
+template <typename acc_t>
+acc_t* ptr_or_null(const at::Tensor* t) {
+  return t != nullptr ? t->data_ptr<acc_t>() : nullptr;
+}
+
+// Runs f(param_t{}) with param_t the C++ type of the per-channel tensors: the input's own type,
+// or float for float16/bfloat16 input (the only two choices checks.h admits).
+template <typename scalar_t, typename F>
+void dispatch_param_type(at::ScalarType param_dtype, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    f(scalar_t{});
+  } else if (param_dtype == at::kFloat) {
+    f(float{});
+  } else {
+    f(scalar_t{});
+  }
+}
+
+// Runs f(index_t{}) with the narrowest index type that addresses every element of `input`.
+template <typename F>
+void dispatch_index_type(const at::Tensor& input, const Tuning& tuning, F&& f) {
+  if (input.numel() < tuning.max_numel_32bit_index) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+struct ForwardArgs {
+  const at::Tensor& input;  // contiguous in the chosen memory format
+  const at::Tensor& output;
+  const at::Tensor& save_mean;
+  const at::Tensor& save_invstd;
+  const c10::optional<at::Tensor>& weight;
+  const c10::optional<at::Tensor>& bias;
+  const c10::optional<at::Tensor>& running_mean;
+  const c10::optional<at::Tensor>& running_var;
+  bool training;
+  double momentum;
+  double eps;
+  Geometry g;
+};
+
+template <typename scalar_t, typename param_t, typename index_t, typename Backend>
+void launch_collect_stats(const Backend& backend, const ForwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const LaunchConfig cfg =
+      collect_stats_launch(g, sizeof(acc_t), backend.num_sms(), backend.tuning());
+  const ReduceWorkspace ws = reduce_workspace(cfg, g, 3, a.save_mean.options());
+  const cuda_kernels::CollectStats<scalar_t, param_t, acc_t> policy{
+      a.input.const_data_ptr<scalar_t>(),
+      a.save_mean.data_ptr<acc_t>(),
+      a.save_invstd.data_ptr<acc_t>(),
+      optional_ptr<param_t>(a.running_mean),
+      optional_ptr<param_t>(a.running_var),
+      optional_stride(a.running_mean),
+      optional_stride(a.running_var),
+      static_cast<acc_t>(a.momentum),
+      static_cast<acc_t>(a.eps)};
+  if (g.layout == Layout::kContiguous) {
+    backend.template launch<
+        &cuda_kernels::batch_norm_collect_stats_contiguous_kernel<scalar_t, param_t, acc_t,
+                                                                  index_t>>(
+        cfg, policy, index_t(g.n), index_t(g.c), index_t(g.hw), cfg.splits_n,
+        ws.partial_ptr<acc_t>(), ws.counters_ptr());
+  } else {
+    backend.template launch<
+        &cuda_kernels::batch_norm_collect_stats_channels_last_kernel<scalar_t, param_t, acc_t,
+                                                                     index_t>>(
+        cfg, policy, index_t(g.rows()), index_t(g.c), ws.partial_ptr<acc_t>(),
+        ws.counters_ptr());
+  }
+}
+
+template <typename scalar_t, typename param_t, typename Backend>
+void launch_eval_stats(const Backend& backend, const ForwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaunchConfig cfg = per_channel_launch(a.g.c, backend.tuning());
+  backend.template launch<&cuda_kernels::batch_norm_eval_stats_kernel<param_t, acc_t>>(
+      cfg, a.running_mean->const_data_ptr<param_t>(), a.running_mean->stride(0),
+      a.running_var->const_data_ptr<param_t>(), a.running_var->stride(0),
+      static_cast<acc_t>(a.eps), a.save_mean.data_ptr<acc_t>(), a.save_invstd.data_ptr<acc_t>(),
+      a.g.c);
+}
+
+template <typename scalar_t, typename param_t, typename index_t, typename Backend>
+void launch_transform(const Backend& backend, const ForwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const LaunchConfig cfg = elementwise_launch(g, backend.num_sms(), backend.tuning());
+  const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+  scalar_t* y = a.output.data_ptr<scalar_t>();
+  const acc_t* mean = a.save_mean.const_data_ptr<acc_t>();
+  const acc_t* invstd = a.save_invstd.const_data_ptr<acc_t>();
+  const param_t* w = optional_ptr<param_t>(a.weight);
+  const param_t* b = optional_ptr<param_t>(a.bias);
+  if (g.layout == Layout::kContiguous) {
+    backend.template launch<
+        &cuda_kernels::batch_norm_transform_contiguous_kernel<scalar_t, param_t, acc_t, index_t>>(
+        cfg, x, y, mean, invstd, w, b, index_t(g.n), index_t(g.c), index_t(g.hw), cfg.splits_n);
+  } else {
+    backend.template launch<&cuda_kernels::batch_norm_transform_channels_last_kernel<
+        scalar_t, param_t, acc_t, index_t>>(cfg, x, y, mean, invstd, w, b, index_t(g.rows()),
+                                            index_t(g.c));
+  }
+}
+
+}  // namespace detail
+
+// custom_bn::batch_norm_forward on the backend's device (contract of ops/batch_norm.h).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    const Backend& backend, const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+  using namespace detail;
+  const at::ScalarType param_dtype = check_batch_norm_forward_args(
+      input_arg, weight, bias, running_mean, running_var, training, momentum, eps);
+  const typename Backend::DeviceGuard device_guard(input_arg.device());
+  const auto fmt = batch_norm_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous(fmt);
+  const auto acc_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
+  const Geometry g = geometry_of(input, fmt);
+  at::Tensor output = at::empty_like(input, input.options(), fmt);
+  at::Tensor save_mean = at::empty({g.c}, acc_options);
+  at::Tensor save_invstd = at::empty({g.c}, acc_options);
+  if (g.c == 0) return {output, save_mean, save_invstd};
+
+  // An empty batch has no statistics: training reports zeros and leaves the running stats
+  // alone; evaluation statistics do not depend on the batch, so they are reported as usual.
+  if (input.numel() == 0 && training) {
+    save_mean.zero_();
+    save_invstd.zero_();
+    return {output, save_mean, save_invstd};
+  }
+
+  const ForwardArgs args{input,        output,      save_mean, save_invstd, weight, bias,
+                         running_mean, running_var, training,  momentum,    eps,    g};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "custom_bn_batch_norm_forward_cuda", [&] {
+        dispatch_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
+          using param_t = decltype(param_tag);
+          if (!training) launch_eval_stats<scalar_t, param_t>(backend, args);
+          if (input.numel() == 0) return;
+          dispatch_index_type(input, backend.tuning(), [&](auto index_tag) {
+            using index_t = decltype(index_tag);
+            if (training) launch_collect_stats<scalar_t, param_t, index_t>(backend, args);
+            launch_transform<scalar_t, param_t, index_t>(backend, args);
+          });
+        });
+      });
+  return {output, save_mean, save_invstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+namespace detail {
+
+struct BackwardArgs {
+  const at::Tensor& grad_output;  // both contiguous in input's memory format
+  const at::Tensor& input;
+  const c10::optional<at::Tensor>& weight;
+  const at::Tensor& save_mean;
+  const at::Tensor& save_invstd;
+  bool training;
+  Geometry g;
+  const at::Tensor* grad_input;  // null: not requested
+  const at::Tensor* sum_dy;      // null: no reduction needed
+  const at::Tensor* sum_dy_xmu;
+  const at::Tensor* grad_weight;  // acc dtype; null: not requested
+  const at::Tensor* grad_bias;
+};
+
+template <typename scalar_t, typename index_t, typename Backend>
+void launch_backward_reduce(const Backend& backend, const BackwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const LaunchConfig cfg =
+      backward_reduce_launch(g, sizeof(acc_t), backend.num_sms(), backend.tuning());
+  const ReduceWorkspace ws = reduce_workspace(cfg, g, 2, a.save_mean.options());
+  const cuda_kernels::BackwardReduce<scalar_t, acc_t> policy{
+      a.grad_output.const_data_ptr<scalar_t>(),
+      a.input.const_data_ptr<scalar_t>(),
+      a.save_mean.const_data_ptr<acc_t>(),
+      a.save_invstd.const_data_ptr<acc_t>(),
+      ptr_or_null<acc_t>(a.sum_dy),
+      ptr_or_null<acc_t>(a.sum_dy_xmu),
+      ptr_or_null<acc_t>(a.grad_weight),
+      ptr_or_null<acc_t>(a.grad_bias)};
+  if (g.layout == Layout::kContiguous) {
+    backend.template launch<
+        &cuda_kernels::batch_norm_backward_reduce_contiguous_kernel<scalar_t, acc_t, index_t>>(
+        cfg, policy, index_t(g.n), index_t(g.c), index_t(g.hw), cfg.splits_n,
+        ws.partial_ptr<acc_t>(), ws.counters_ptr());
+  } else {
+    backend.template launch<
+        &cuda_kernels::batch_norm_backward_reduce_channels_last_kernel<scalar_t, acc_t,
+                                                                       index_t>>(
+        cfg, policy, index_t(g.rows()), index_t(g.c), ws.partial_ptr<acc_t>(),
+        ws.counters_ptr());
+  }
+}
+
+template <bool kTraining, typename scalar_t, typename param_t, typename index_t,
+          typename Backend>
+void launch_backward_elementwise(const Backend& backend, const BackwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const LaunchConfig cfg = elementwise_launch(g, backend.num_sms(), backend.tuning());
+  const scalar_t* dy = a.grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+  scalar_t* dx = a.grad_input->data_ptr<scalar_t>();
+  const acc_t* mean = a.save_mean.const_data_ptr<acc_t>();
+  const acc_t* invstd = a.save_invstd.const_data_ptr<acc_t>();
+  const param_t* w = optional_ptr<param_t>(a.weight);
+  const acc_t* sum_dy = ptr_or_null<acc_t>(a.sum_dy);
+  const acc_t* sum_dy_xmu = ptr_or_null<acc_t>(a.sum_dy_xmu);
+  const acc_t count = static_cast<acc_t>(g.count());
+  if (g.layout == Layout::kContiguous) {
+    backend.template launch<&cuda_kernels::batch_norm_backward_elementwise_contiguous_kernel<
+        kTraining, scalar_t, param_t, acc_t, index_t>>(cfg, dy, x, dx, mean, invstd, w, sum_dy,
+                                                       sum_dy_xmu, count, index_t(g.n),
+                                                       index_t(g.c), index_t(g.hw),
+                                                       cfg.splits_n);
+  } else {
+    backend.template launch<&cuda_kernels::batch_norm_backward_elementwise_channels_last_kernel<
+        kTraining, scalar_t, param_t, acc_t, index_t>>(cfg, dy, x, dx, mean, invstd, w, sum_dy,
+                                                       sum_dy_xmu, count, index_t(g.rows()),
+                                                       index_t(g.c));
+  }
+}
+
+template <typename scalar_t, typename param_t, typename index_t, typename Backend>
+void run_backward(const Backend& backend, const BackwardArgs& a) {
+  if (a.sum_dy != nullptr) launch_backward_reduce<scalar_t, index_t>(backend, a);
+  if (a.grad_input == nullptr) return;
+  if (a.training) {
+    launch_backward_elementwise<true, scalar_t, param_t, index_t>(backend, a);
+  } else {
+    launch_backward_elementwise<false, scalar_t, param_t, index_t>(backend, a);
+  }
+}
+
+}  // namespace detail
+
+// custom_bn::batch_norm_backward on the backend's device (contract of ops/batch_norm.h).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const Backend& backend, const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean_arg,
+    const at::Tensor& save_invstd_arg, bool training, std::array<bool, 3> output_mask) {
+  using namespace detail;
+  check_batch_norm_backward_args(grad_output_arg, input_arg, weight, save_mean_arg,
+                                 save_invstd_arg);
+  const typename Backend::DeviceGuard device_guard(input_arg.device());
+  const auto fmt = batch_norm_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous(fmt);
+  const at::Tensor grad_output = grad_output_arg.contiguous(fmt);
+  const at::Tensor save_mean = save_mean_arg.contiguous();
+  const at::Tensor save_invstd = save_invstd_arg.contiguous();
+  const auto acc_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
+  const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
+  const Geometry g = geometry_of(input, fmt);
+
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)
+                                         : unrequested_gradient(input);
+  if (input.numel() == 0) {
+    const auto zeros = [&](bool wanted) {
+      return wanted ? at::zeros({g.c}, input.options().dtype(param_dtype))
+                    : unrequested_gradient(input);
+    };
+    return {grad_input, zeros(output_mask[1]), zeros(output_mask[2])};
+  }
+
+  // grad_weight / grad_bias need the sums, and so does grad_input in training mode; eval-mode
+  // grad_input alone is a pure scale of dy.
+  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
+  at::Tensor sum_dy, sum_dy_xmu, grad_weight_acc, grad_bias_acc;
+  if (need_sums) {
+    sum_dy = at::empty({g.c}, acc_options);
+    sum_dy_xmu = at::empty({g.c}, acc_options);
+  }
+  if (output_mask[1]) grad_weight_acc = at::empty({g.c}, acc_options);
+  if (output_mask[2]) grad_bias_acc = at::empty({g.c}, acc_options);
+
+  const BackwardArgs args{grad_output,
+                          input,
+                          weight,
+                          save_mean,
+                          save_invstd,
+                          training,
+                          g,
+                          output_mask[0] ? &grad_input : nullptr,
+                          need_sums ? &sum_dy : nullptr,
+                          need_sums ? &sum_dy_xmu : nullptr,
+                          output_mask[1] ? &grad_weight_acc : nullptr,
+                          output_mask[2] ? &grad_bias_acc : nullptr};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "custom_bn_batch_norm_backward_cuda", [&] {
+        dispatch_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
+          using param_t = decltype(param_tag);
+          dispatch_index_type(input, backend.tuning(), [&](auto index_tag) {
+            run_backward<scalar_t, param_t, decltype(index_tag)>(backend, args);
+          });
+        });
+      });
+
+  // The sums are kept in acc_t; the gradients take the parameters' dtype (no copy when that
+  // already is acc_t).
+  return {grad_input,
+          output_mask[1] ? grad_weight_acc.to(param_dtype) : unrequested_gradient(input),
+          output_mask[2] ? grad_bias_acc.to(param_dtype) : unrequested_gradient(input)};
+}
+
+}  // namespace cuda_launch
+}  // namespace custom_bn

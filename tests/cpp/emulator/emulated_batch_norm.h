@@ -1,0 +1,27 @@
+#pragma once
+// custom_bn::batch_norm_forward / batch_norm_backward as the CUDA build runs them (argument
+// checks, launch sequence, launch configurations, kernel bodies), executed on CPU tensors by the
+// emulator. Same contract as csrc/ops/batch_norm.h; `device` says which GPU to pretend to be.
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+
+#include "emulator_backend.h"
+
+namespace custom_bn {
+namespace emulator {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    const EmulatedDevice& device, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const EmulatedDevice& device, const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, std::array<bool, 3> output_mask);
+
+}  // namespace emulator
+}  // namespace custom_bn

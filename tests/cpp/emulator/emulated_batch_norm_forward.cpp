@@ -1,0 +1,18 @@
+// The CUDA forward launch sequence instantiated with the emulator backend. Forward and backward
+// live in two files only so that the two heavy instantiations compile in parallel.
+#include "cuda/batch_norm_launch.h"
+#include "emulated_batch_norm.h"
+
+namespace custom_bn {
+namespace emulator {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    const EmulatedDevice& device, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+  return cuda_launch::batch_norm_forward(EmulatorBackend(device), input, weight, bias,
+                                         running_mean, running_var, training, momentum, eps);
+}
+
+}  // namespace emulator
+}  // namespace custom_bn

@@ -1,0 +1,52 @@
+#pragma once
+// One emulated forward + backward of the CUDA operators, checked against the CPU kernels
+// (custom_bn::batch_norm_forward/backward on CPU) and against ATen in float64
+// (at::native_batch_norm / at::native_batch_norm_backward): outputs, saved statistics, running
+// statistics, all requested gradients, and the memory format of every result.
+#include <ATen/core/ScalarType.h>
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cuda_emulator.h"
+#include "emulator_backend.h"
+
+namespace custom_bn {
+namespace emulator {
+
+struct ParityCase {
+  std::vector<int64_t> shape;
+  at::ScalarType dtype = at::kFloat;
+  at::ScalarType param_dtype = at::kFloat;  // weight, bias and running stats
+  bool channels_last = false;
+  bool training = true;
+  bool affine = true;
+  bool running_stats = true;
+  bool strided_running_stats = false;  // running stats as stride-2 views
+  double momentum = 0.1;
+  double eps = 1e-5;
+  std::vector<std::array<bool, 3>> masks = {{true, true, true}};
+  EmulatedDevice device;
+  dev::emu::Schedule schedule;
+  uint64_t seed = 0;
+
+  std::string name() const;
+};
+
+// Success, or every mismatch found (an EmulatorError is reported as a failure too).
+::testing::AssertionResult check_parity(const ParityCase& c);
+
+// Devices the tests pretend to be. The first is what the real launchers use on an H100; the
+// others shrink the blocks and the work per thread so that small shapes already split every
+// reduction over many blocks (last-block-done merges) and over several warps.
+EmulatedDevice gpu_defaults();
+EmulatedDevice many_splits();     // one-warp blocks, a split per handful of values
+EmulatedDevice two_warp_splits(); // two-warp blocks: cross-warp block reductions with splits
+EmulatedDevice wide_blocks();     // blocks of up to 1024 threads, as large as CUDA allows
+EmulatedDevice index64();         // as two_warp_splits, with the 64-bit-index kernels
+
+}  // namespace emulator
+}  // namespace custom_bn
