@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.14.1
 PY_PACKAGES := torch==$(TORCH_VERSION) pytest hypothesis numpy ninja scikit-learn tqdm matplotlib expecttest
+DEBIAN_PACKAGES := libgtest-dev cmake ninja-build
 SETUP_STAMP := $(VENV)/.custom_bn-setup-$(TORCH_VERSION)
 CMAKE_BUILD := build/cmake
 CMAKE_INSTALL := build/install
@@ -20,7 +21,8 @@ endif
 .PHONY: setup build build-python build-cmake test test-cpp test-python demo clean
 
 setup: $(SETUP_STAMP)
-	@dpkg -s libgtest-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libgtest-dev; }
+	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq $(DEBIAN_PACKAGES); }
 
 $(SETUP_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -20,6 +20,24 @@ def _want_cuda() -> bool:
     return cpp_extension.CUDA_HOME is not None
 
 
+# at::vec compiles to plain scalar loops unless the AVX2 code path is enabled at build time;
+# CMakeLists.txt applies the same flags (option WITH_AVX2).
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def _want_avx2() -> bool:
+    """AVX2/FMA/F16C kernels when the build machine has them (CUSTOM_BN_CPU_AVX2=0/1 decides)."""
+    flag = os.environ.get("CUSTOM_BN_CPU_AVX2")
+    if flag is not None:
+        return flag.lower() not in ("0", "off", "false", "no", "")
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_flags = set(f.read().split())
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= cpu_flags
+
+
 def _cuda_include_dirs() -> list:
     """CUDA library headers that torch's CUDA headers include (cusparse.h, ...): the CUDA 13
     wheels ship them under site-packages/nvidia/cu13/include, not in the toolkit."""
@@ -43,7 +61,7 @@ def _sources(with_cuda: bool) -> list:
 def _extension():
     with_cuda = _want_cuda()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    cxx = ["-O3", "-std=c++20"]
+    cxx = ["-O3", "-std=c++20"] + (AVX2_FLAGS if _want_avx2() else [])
     kwargs = dict(
         name="custom_bn._C",
         sources=_sources(with_cuda),

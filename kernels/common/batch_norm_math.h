@@ -21,8 +21,8 @@ CBN_HOST_DEVICE CBN_INLINE AffineCoeffs<acc_t> fold_affine(acc_t mean, acc_t inv
 }
 
 // The running-stat update of torch.nn: r = (1 - m) r + m batch, variance unbiased (n / (n - 1)).
-// With n == 1 the unbiased variance is undefined; like ATen we then store the biased one (zero)
-// scaled by n/(n-1) only when n > 1, so nothing becomes inf/NaN silently on the eval path.
+// Training with n == 1 is rejected by the argument checks; the guard only avoids dividing by
+// zero.
 template <typename acc_t>
 CBN_HOST_DEVICE CBN_INLINE acc_t unbiased_variance(acc_t biased_var, acc_t count) {
   return count > acc_t(1) ? biased_var * count / (count - acc_t(1)) : biased_var;

@@ -68,7 +68,9 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
   return total;
 }
 
-// Exact two-pass statistics of n contiguous values (n <= kChunk, so the second pass is cached).
+// Two-pass statistics of n contiguous values (n <= kChunk, so the second pass is cached). The
+// second pass also sums the deviations: subtracting (sum d)^2 / n removes the effect of the
+// rounding error of the first-pass mean on M2 (the corrected two-pass algorithm).
 template <typename scalar_t>
 WelfordStats<double> contiguous_chunk_stats(const scalar_t* x, int64_t n) {
   using IO = VecIO<scalar_t>;
@@ -82,18 +84,21 @@ WelfordStats<double> contiguous_chunk_stats(const scalar_t* x, int64_t n) {
   const acc_t mean = sum / acc_t(n);
 
   const Vec vmean(mean);
-  Vec vm2(acc_t(0));
+  Vec vm2(acc_t(0)), vdev(acc_t(0));
   i = 0;
   for (; i + IO::kWidth <= n; i += IO::kWidth) {
     const Vec d = IO::load(x + i) - vmean;
+    vdev += d;
     vm2 = at::vec::fmadd(d, d, vm2);
   }
-  acc_t m2 = horizontal_sum(vm2);
+  acc_t m2 = horizontal_sum(vm2), dev = horizontal_sum(vdev);
   for (; i < n; ++i) {
     const acc_t d = acc_t(x[i]) - mean;
+    dev += d;
     m2 += d * d;
   }
-  return {double(mean), double(m2), double(n)};
+  const double dev_mean = double(dev) / double(n);
+  return {double(mean) + dev_mean, std::max(0.0, double(m2) - double(dev) * dev_mean), double(n)};
 }
 
 // sum(dy) and sum(dy * (x - mean)) over n contiguous values.

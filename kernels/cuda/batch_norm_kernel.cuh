@@ -313,7 +313,7 @@ struct CollectStats {
   CBN_DEVICE void finalize(int64_t c, const WelfordStats<acc_t>& s) const {
     const acc_t var = s.m2 / s.count;
     save_mean[c] = s.mean;
-    // Once per channel: the exact reciprocal square root keeps parity with the CPU kernel.
+    // Once per channel, so the exact reciprocal square root (not rsqrt's approximation) is cheap.
     save_invstd[c] = acc_t(1) / dev::sqrt(var + eps);
     if (running_mean != nullptr) {
       param_t& rm = running_mean[c * running_mean_stride];

@@ -191,16 +191,16 @@ class _BatchNorm(nn.Module):
         unexpected_keys: List[str],
         error_msgs: List[str],
     ) -> None:
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Checkpoints from before num_batches_tracked existed: keep the current count
-            # (0 for a fresh module) instead of reporting a missing key.
-            current = self.num_batches_tracked
-            if current is not None and current.device.type != "meta":
-                state_dict[key] = current
-            else:
-                state_dict[key] = torch.tensor(0, dtype=torch.long)
+        counter_key = prefix + "num_batches_tracked"
+        saved_version = local_metadata.get("version")
+        written_before_counter = saved_version is None or saved_version < 2
+        if written_before_counter and self.track_running_stats and counter_key not in state_dict:
+            # Such a checkpoint has no counter to restore: the module keeps its own (a meta
+            # tensor has no value, so that case starts from zero) instead of a missing-key error.
+            counter = self.num_batches_tracked
+            if counter.device.type == "meta":
+                counter = torch.zeros((), dtype=torch.long)
+            state_dict[counter_key] = counter
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
