@@ -8,6 +8,8 @@
 #include <sstream>
 #include <string>
 
+#include "../kernels/common/geometry.h"
+
 namespace custom_bn {
 
 inline std::string describe_shape(const at::Tensor& t) {
@@ -38,6 +40,16 @@ inline at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
     return at::MemoryFormat::ChannelsLast3d;
   }
   return at::MemoryFormat::Contiguous;
+}
+
+// input (already contiguous in fmt = batch_norm_memory_format(input)) as the kernels see it.
+inline Geometry geometry_of(const at::Tensor& input, at::MemoryFormat fmt) {
+  Geometry g;
+  g.n = input.size(0);
+  g.c = input.size(1);
+  for (int64_t d = 2; d < input.dim(); ++d) g.hw *= input.size(d);
+  g.layout = choose_layout(fmt != at::MemoryFormat::Contiguous, g.hw);
+  return g;
 }
 
 // Number of values per channel: N * prod(spatial).

@@ -151,22 +151,6 @@ void contiguous_affine(scalar_t* out, const scalar_t* a, at::opmath_type<scalar_
   }
 }
 
-// Geometry of the input as the kernels see it.
-struct Geometry {
-  int64_t n;       // batch size
-  int64_t c;       // channels
-  int64_t hw;      // product of spatial sizes
-  bool rows;       // channels-last style: n * hw rows of c contiguous values
-  int64_t count() const { return n * hw; }
-};
-
-Geometry geometry_of(const at::Tensor& input, at::MemoryFormat fmt) {
-  Geometry g{input.size(0), input.size(1), 1, false};
-  for (int64_t d = 2; d < input.dim(); ++d) g.hw *= input.size(d);
-  g.rows = fmt != at::MemoryFormat::Contiguous || g.hw == 1;
-  return g;
-}
-
 int64_t channel_grain(const Geometry& g) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, g.count()));
 }
@@ -401,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
       save_invstd.zero_();
     }
 
-    if (g.rows) {
+    if (g.layout == Layout::kChannelsLast) {
       if (batch_stats) {
         std::vector<double> mean;
         rows_stats(x, g, mean, var);
@@ -486,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     std::vector<double> sum_dy(g.c, 0.0), sum_dot(g.c, 0.0);
     const acc_t count = acc_t(g.count());
 
-    if (g.rows) {
+    if (g.layout == Layout::kChannelsLast) {
       if (need_sums && g.count() > 0) rows_grad_sums(dy, x, g, mean, sum_dy, sum_dot);
       if (dx) {
         std::vector<acc_t> k_dy(g.c), k_x(g.c), k_c(g.c);

@@ -32,16 +32,6 @@ namespace custom_bn {
 namespace cuda_launch {
 namespace detail {
 
-inline Geometry geometry_of(const at::Tensor& input, at::MemoryFormat fmt) {
-  Geometry g;
-  g.n = input.size(0);
-  g.c = input.size(1);
-  g.hw = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) g.hw *= input.size(d);
-  g.layout = choose_layout(fmt != at::MemoryFormat::Contiguous, g.hw);
-  return g;
-}
-
 // Partial results of a split reduction and the zeroed arrival counters of its last-block merge.
 struct ReduceWorkspace {
   at::Tensor partial;

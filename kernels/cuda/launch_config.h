@@ -16,27 +16,14 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/geometry.h"
+
 namespace custom_bn {
 namespace cuda_launch {
 
-enum class Layout { kContiguous, kChannelsLast };
-
-// A channel-major view of the input: n samples, c channels, hw values per sample and channel.
-struct Geometry {
-  int64_t n = 0;
-  int64_t c = 0;
-  int64_t hw = 1;
-  Layout layout = Layout::kContiguous;
-
-  int64_t count() const { return n * hw; }  // values per channel
-  int64_t rows() const { return n * hw; }   // rows of the channels-last layout
-};
-
-// With HW == 1 a contiguous (N, C, 1, ...) tensor is already N rows of C channels, where the
-// channels-last kernels keep every thread busy and the contiguous ones would idle most of them.
-inline Layout choose_layout(bool channels_last_format, int64_t hw) {
-  return channels_last_format || hw == 1 ? Layout::kChannelsLast : Layout::kContiguous;
-}
+using custom_bn::choose_layout;
+using custom_bn::Geometry;
+using custom_bn::Layout;
 
 // Knobs of the heuristics. The launchers use the defaults; emulated tests may shrink them to
 // reach multi-block reductions on small shapes.
