@@ -4,8 +4,10 @@ A CUDAExtension when nvcc is found (CUSTOM_BN_WITH_CUDA=0 forces a CPU-only buil
 CppExtension. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0". Install with
 `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
+import fnmatch
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -20,22 +22,53 @@ def _want_cuda() -> bool:
     return cpp_extension.CUDA_HOME is not None
 
 
-# at::vec compiles to plain scalar loops unless the AVX2 code path is enabled at build time;
-# CMakeLists.txt applies the same flags (option WITH_AVX2).
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# The CPU kernels (kernels/cpu/*_kernel.cpp) are compiled once per instruction-set level listed
+# in kernels/cpu/cpu_capabilities.txt, and the library picks one at run time; CMakeLists.txt
+# reads the same file.
+PER_ISA_PATTERN = "kernels/cpu/*_kernel.cpp"
 
 
-def _want_avx2() -> bool:
-    """AVX2/FMA/F16C kernels when the build machine has them (CUSTOM_BN_CPU_AVX2=0/1 decides)."""
-    flag = os.environ.get("CUSTOM_BN_CPU_AVX2")
-    if flag is not None:
-        return flag.lower() not in ("0", "off", "false", "no", "")
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_flags = set(f.read().split())
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= cpu_flags
+def _cpu_capabilities() -> list:
+    """[(level, flags)]: the portable level, plus the x86-64 levels on x86-64."""
+    levels = []
+    with open(os.path.join(ROOT, "kernels", "cpu", "cpu_capabilities.txt")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                name, *flags = line.split()
+                levels.append((name, flags))
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return levels if x86 else levels[:1]
+
+
+def _torch_openmp_library() -> str:
+    """The OpenMP runtime libtorch itself loads (torch/lib/libgomp*.so*): linking that one, not
+    the compiler's, keeps a single OpenMP thread pool in the process."""
+    import torch
+
+    found = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    if not found:
+        raise RuntimeError("custom_bn: torch/lib has no libgomp; custom_bn needs an OpenMP build of torch")
+    return found[0]
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """Compiles the per-ISA kernel sources once per level (each into its own folder, with its
+    own flags and CPU_CAPABILITY) and links those objects into the extension."""
+
+    def build_extension(self, ext):
+        per_isa = [s for s in ext.sources if fnmatch.fnmatch(s, PER_ISA_PATTERN)]
+        ext.sources = [s for s in ext.sources if s not in per_isa]
+        for level, flags in _cpu_capabilities():
+            args = ext.extra_compile_args
+            args = dict(args, cxx=args["cxx"] + flags) if isinstance(args, dict) else args + flags
+            ext.extra_objects += self.compiler.compile(
+                per_isa,
+                output_dir=os.path.join(self.build_temp, "cpu_" + level),
+                macros=ext.define_macros + [("CPU_CAPABILITY", level), ("CPU_CAPABILITY_" + level, None)],
+                include_dirs=ext.include_dirs,
+                extra_postargs=args,
+            )
+        super().build_extension(ext)
 
 
 def _cuda_include_dirs() -> list:
@@ -61,12 +94,20 @@ def _sources(with_cuda: bool) -> list:
 def _extension():
     with_cuda = _want_cuda()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    cxx = ["-O3", "-std=c++20"] + (AVX2_FLAGS if _want_avx2() else [])
+    # -fopenmp: at::parallel_for is ATen's inline OpenMP code, serial without it.
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    x86 = len(_cpu_capabilities()) > 1
     kwargs = dict(
         name="custom_bn._C",
         sources=_sources(with_cuda),
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
-        define_macros=[("CUSTOM_BN_WITH_CUDA", "1" if with_cuda else "0")],
+        define_macros=[("CUSTOM_BN_WITH_CUDA", "1" if with_cuda else "0"),
+                       ("CUSTOM_BN_CPU_X86", "1" if x86 else "0")],
+        extra_link_args=[_torch_openmp_library()],
+        # Every file of the library: setuptools relinks only when one of these is newer than the
+        # extension (ninja then recompiles just what changed).
+        depends=[os.path.relpath(f, ROOT) for d in ("csrc", "kernels")
+                 for f in glob.glob(os.path.join(ROOT, d, "**", "*"), recursive=True) if os.path.isfile(f)],
     )
     if with_cuda:
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -82,7 +123,7 @@ setup(
     package_dir={"": "python"},
     packages=find_packages("python"),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch"],
 )

@@ -1,10 +1,34 @@
 // The Python extension module custom_bn._C. Importing it runs the static registrations of the
 // operators (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL) compiled into the same library; the
-// operators themselves are reached through torch.ops.custom_bn. Only setup.py builds this file:
+// operators themselves are reached through torch.ops.custom_bn. The module's one function,
+// _build_info(), reports build_info.h to custom_bn.build_info(). Only setup.py builds this file:
 // the CMake library never includes Python.
 #include <Python.h>
 
-static PyModuleDef custom_bn_module = {PyModuleDef_HEAD_INIT, "_C",
-                                       "custom_bn operator library", -1, nullptr};
+#include "build_info.h"
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* compiled = PyList_New(0);
+  for (const std::string& name : custom_bn::cpu_capabilities_compiled()) {
+    PyObject* item = PyUnicode_FromString(name.c_str());
+    PyList_Append(compiled, item);
+    Py_DECREF(item);
+  }
+  return Py_BuildValue("{s:s,s:N,s:O,s:O}", "cpu_capability",
+                       custom_bn::cpu_capability().c_str(), "cpu_capabilities_compiled", compiled,
+                       "openmp", custom_bn::built_with_openmp() ? Py_True : Py_False, "cuda",
+                       custom_bn::built_with_cuda() ? Py_True : Py_False);
+}
+
+PyMethodDef methods[] = {
+    {"_build_info", build_info, METH_NOARGS, "What custom_bn was built with (see build_info.h)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef custom_bn_module = {PyModuleDef_HEAD_INIT, "_C", "custom_bn operator library", -1,
+                                methods};
+
+}  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&custom_bn_module); }

@@ -1,38 +1,68 @@
-// CPU kernels of custom_bn::batch_norm_forward and custom_bn::batch_norm_backward.
+// Arithmetic of the CPU batch-norm kernels. The build compiles this file once per
+// instruction-set level (kernels/cpu/cpu_capabilities.txt): CPU_CAPABILITY names the level, its
+// flags make at::vec use that vector width, and everything lands in
+// custom_bn::cpu::<CPU_CAPABILITY>. The operator (batch_norm_cpu.cpp) picks one at run time.
 //
-// Two layouts, chosen from the memory format of the input:
-//  - contiguous (N, C, *): a channel is N runs of HW contiguous values. One task owns whole
-//    channels, so the statistics pass and the normalize pass read the same, still cached, data.
-//  - channels-last (rows of C contiguous values; also (N, C) and any input with HW == 1): tasks
-//    own blocks of rows and keep per-thread partial statistics that are merged at the end.
-// Values are processed in cache-sized chunks: each chunk gets an exact two-pass mean/M2 in the
-// accumulation type, and chunks are merged in double with Chan's formula (kernels/common), so
-// long reductions neither lose precision nor form E[x^2] - E[x]^2.
-#include <ATen/ATen.h>
+// Layouts (kernels/common/geometry.h):
+//  - contiguous (N, C, *): N*C runs of hw contiguous values; run r holds channel r % C.
+//  - channels-last (and any input with hw == 1): R = N*hw rows of C contiguous values.
+//
+// Memory traffic is what these kernels spend, so the passes over the tensor are counted:
+//  - contiguous, training: when the channels spread evenly over the threads, one task owns
+//    whole channels and normalizes (or, backward, computes dx for) each channel right after its
+//    reduction, while the channel is still cached: one pass from memory. Otherwise (C = 1, 3,
+//    ... with large planes) the runs are cut into pieces so that every thread has work; the
+//    pieces' partial results are merged, then a second, elementwise pass follows.
+//  - channels-last, training: a reduction pass over (row range x channel block) tiles, whose
+//    partial results are merged per channel, then an elementwise pass: the statistics need
+//    every row before the first output can be written.
+//  - evaluation: one elementwise pass.
+// Elementwise passes split the flat element range evenly over the threads, whatever the shape.
+// Reductions accumulate cache-sized chunks in the accumulation type with the corrected two-pass
+// formula and merge chunks in double with Chan's formula (kernels/common/welford.h), so long or
+// large-mean channels neither lose precision nor form E[x^2] - E[x]^2. Partial results are
+// indexed by task, not by thread, so a result does not depend on which thread ran what.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
-#include "checks.h"
+#include "batch_norm_kernel.h"
 #include "common/batch_norm_math.h"
 #include "common/welford.h"
 
-namespace custom_bn {
+#ifndef CPU_CAPABILITY
+#error "batch_norm_kernel.cpp is compiled once per CPU_CAPABILITY (see kernels/cpu/cpu_capabilities.txt)"
+#endif
+#define CUSTOM_BN_STRINGIFY_(x) #x
+#define CUSTOM_BN_STRINGIFY(x) CUSTOM_BN_STRINGIFY_(x)
+
+namespace custom_bn::cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
 
-// Elements per chunk: small enough that a chunk's second pass hits L1/L2.
+// Values of a contiguous statistics chunk: its two passes run while it sits in L1.
 constexpr int64_t kChunk = 4096;
-// Below this many elements per task, threading costs more than it saves.
-constexpr int64_t kGrainElements = 32768;
+// Channels-last chunks: about this many values, and at most kMaxChunkRows rows, so that a
+// channel's float accumulator sums few enough terms to keep float32 accuracy.
+constexpr int64_t kRowChunk = 8192;
+constexpr int64_t kMaxChunkRows = 512;
+// Widest channel block of a channels-last reduction task.
+constexpr int64_t kMaxBlockChannels = 1024;
+// Fewer elements per task cost more in threading than they save.
+constexpr int64_t kGrain = 32768;
+// Split reductions aim at this many tasks per thread, for load balance.
+constexpr int64_t kTasksPerThread = 4;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Vector loads/stores of scalar_t values as vectors of the accumulation type.
 template <typename scalar_t>
@@ -61,18 +91,16 @@ struct VecIO {
 
 template <typename acc_t>
 acc_t horizontal_sum(const Vectorized<acc_t>& v) {
-  acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  acc_t total = 0;
-  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) total += lanes[i];
-  return total;
+  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
 }
 
-// Two-pass statistics of n contiguous values (n <= kChunk, so the second pass is cached). The
-// second pass also sums the deviations: subtracting (sum d)^2 / n removes the effect of the
-// rounding error of the first-pass mean on M2 (the corrected two-pass algorithm).
+// ------------------------------------------------------------------ contiguous runs
+
+// Corrected two-pass statistics of n <= kChunk contiguous values: the second pass also sums the
+// deviations, and subtracting (sum d)^2 / n removes the effect of the first-pass mean's
+// rounding error on M2.
 template <typename scalar_t>
-WelfordStats<double> contiguous_chunk_stats(const scalar_t* x, int64_t n) {
+WelfordStats<double> chunk_stats(const scalar_t* x, int64_t n) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -98,44 +126,77 @@ WelfordStats<double> contiguous_chunk_stats(const scalar_t* x, int64_t n) {
     m2 += d * d;
   }
   const double dev_mean = double(dev) / double(n);
-  return {double(mean) + dev_mean, std::max(0.0, double(m2) - double(dev) * dev_mean), double(n)};
+  // No clamp at 0: a NaN or Inf in the data must reach the variance, as in torch.
+  return {double(mean) + dev_mean, double(m2) - double(dev) * dev_mean, double(n)};
 }
 
-// sum(dy) and sum(dy * (x - mean)) over n contiguous values.
 template <typename scalar_t>
-std::pair<double, double> contiguous_chunk_grad_sums(const scalar_t* dy, const scalar_t* x,
-                                                     int64_t n, at::opmath_type<scalar_t> mean) {
+WelfordStats<double> run_stats(const scalar_t* x, int64_t n) {
+  WelfordStats<double> s;
+  for (int64_t off = 0; off < n; off += kChunk) {
+    s = welford_merge(s, chunk_stats(x + off, std::min(kChunk, n - off)));
+  }
+  return s;
+}
+
+struct GradSums {
+  double dy = 0;   // sum(dy)
+  double dot = 0;  // sum(dy * (x - mean))
+
+  void add(const GradSums& o) {
+    dy += o.dy;
+    dot += o.dot;
+  }
+};
+
+template <typename scalar_t>
+GradSums run_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
+                       at::opmath_type<scalar_t> mean) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   const Vec vmean(mean);
-  Vec vsum(acc_t(0)), vdot(acc_t(0));
-  int64_t i = 0;
-  for (; i + IO::kWidth <= n; i += IO::kWidth) {
-    const Vec g = IO::load(dy + i);
-    vsum += g;
-    vdot = at::vec::fmadd(g, IO::load(x + i) - vmean, vdot);
+  GradSums total;
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t end = std::min(n, off + kChunk);
+    Vec vsum(acc_t(0)), vdot(acc_t(0));
+    int64_t i = off;
+    for (; i + IO::kWidth <= end; i += IO::kWidth) {
+      const Vec g = IO::load(dy + i);
+      vsum += g;
+      vdot = at::vec::fmadd(g, IO::load(x + i) - vmean, vdot);
+    }
+    acc_t sum = horizontal_sum(vsum), dot = horizontal_sum(vdot);
+    for (; i < end; ++i) {
+      const acc_t g = acc_t(dy[i]);
+      sum += g;
+      dot += g * (acc_t(x[i]) - mean);
+    }
+    total.add({double(sum), double(dot)});
   }
-  acc_t sum = horizontal_sum(vsum), dot = horizontal_sum(vdot);
-  for (; i < n; ++i) {
-    const acc_t g = acc_t(dy[i]);
-    sum += g;
-    dot += g * (acc_t(x[i]) - mean);
-  }
-  return {double(sum), double(dot)};
+  return total;
 }
 
-// out[i] = a[i] * ka + (b ? (b[i] - b_shift) * kb : 0) + kc over n contiguous values: the
-// normalize pass (a = x) and the grad_input pass (a = dy, b = x, b_shift = mean) of the
-// contiguous layout.
-template <typename scalar_t>
-void contiguous_affine(scalar_t* out, const scalar_t* a, at::opmath_type<scalar_t> ka,
-                       const scalar_t* b, at::opmath_type<scalar_t> b_shift,
-                       at::opmath_type<scalar_t> kb, at::opmath_type<scalar_t> kc, int64_t n) {
+// ------------------------------------------------------------------ elementwise passes
+
+// out = a * ka + (b - shift) * kb + kc, with the b term only when b is given: the normalize pass
+// (a = x; ka = alpha, kc = beta) and the grad_input pass (a = dy, b = x, shift = mean). The
+// coefficients are per channel.
+template <typename acc_t>
+struct Coeffs {
+  const acc_t* ka;
+  const acc_t* kc;
+  const acc_t* shift = nullptr;
+  const acc_t* kb = nullptr;
+};
+
+// n values of one channel (contiguous layout): scalar coefficients.
+template <typename scalar_t, typename acc_t>
+void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, acc_t kc,
+                acc_t shift, acc_t kb, int64_t n) {
   using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  const Vec vka(ka), vkb(kb), vkc(kc), vshift(b_shift);
+  const Vec vka(ka), vkb(kb), vkc(kc), vshift(shift);
   int64_t i = 0;
   if (b == nullptr) {
     for (; i + IO::kWidth <= n; i += IO::kWidth) {
@@ -147,393 +208,439 @@ void contiguous_affine(scalar_t* out, const scalar_t* a, at::opmath_type<scalar_
       const Vec t = at::vec::fmadd(IO::load(b + i) - vshift, vkb, vkc);
       IO::store(out + i, at::vec::fmadd(IO::load(a + i), vka, t));
     }
-    for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka + ((acc_t(b[i]) - b_shift) * kb + kc));
+    for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka + ((acc_t(b[i]) - shift) * kb + kc));
   }
+}
+
+// n consecutive channels of one row (channels-last layout): coefficient arrays, already offset
+// to the first channel.
+template <typename scalar_t, typename acc_t>
+void affine_row(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coeffs<acc_t>& k,
+                int64_t c0, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const acc_t* ka = k.ka + c0;
+  const acc_t* kc = k.kc + c0;
+  int64_t i = 0;
+  if (b == nullptr) {
+    for (; i + IO::kWidth <= n; i += IO::kWidth) {
+      IO::store(out + i, at::vec::fmadd(IO::load(a + i), Vec::loadu(ka + i), Vec::loadu(kc + i)));
+    }
+    for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka[i] + kc[i]);
+  } else {
+    const acc_t* shift = k.shift + c0;
+    const acc_t* kb = k.kb + c0;
+    for (; i + IO::kWidth <= n; i += IO::kWidth) {
+      const Vec t = at::vec::fmadd(IO::load(b + i) - Vec::loadu(shift + i), Vec::loadu(kb + i),
+                                   Vec::loadu(kc + i));
+      IO::store(out + i, at::vec::fmadd(IO::load(a + i), Vec::loadu(ka + i), t));
+    }
+    for (; i < n; ++i) {
+      out[i] = scalar_t(acc_t(a[i]) * ka[i] + ((acc_t(b[i]) - shift[i]) * kb[i] + kc[i]));
+    }
+  }
+}
+
+// Calls f(run, offset, length) for each piece of the flat range [begin, end) cut at the
+// boundaries of runs of run_length values.
+template <typename F>
+void for_each_run_piece(int64_t begin, int64_t end, int64_t run_length, const F& f) {
+  while (begin < end) {
+    const int64_t run = begin / run_length;
+    const int64_t offset = begin - run * run_length;
+    const int64_t length = std::min(run_length - offset, end - begin);
+    f(run, offset, length);
+    begin += length;
+  }
+}
+
+// out = a * ka + (b - shift) * kb + kc over the whole tensor, the flat range split evenly.
+template <typename scalar_t, typename acc_t>
+void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scalar_t* b,
+                 const Coeffs<acc_t>& k) {
+  const int64_t numel = g.n * g.c * g.hw;
+  if (g.layout == Layout::kChannelsLast) {
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      for_each_run_piece(begin, end, g.c, [&](int64_t row, int64_t c0, int64_t len) {
+        const int64_t p = row * g.c + c0;
+        affine_row(out + p, a + p, b ? b + p : nullptr, k, c0, len);
+      });
+    });
+  } else {
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      for_each_run_piece(begin, end, g.hw, [&](int64_t run, int64_t off, int64_t len) {
+        const int64_t c = run % g.c;
+        const int64_t p = run * g.hw + off;
+        affine_run(out + p, a + p, b ? b + p : nullptr, k.ka[c], k.kc[c],
+                   k.shift ? k.shift[c] : acc_t(0), k.kb ? k.kb[c] : acc_t(0), len);
+      });
+    });
+  }
+}
+
+// ------------------------------------------------------------------ contiguous reductions
+
+// Whole channels per task when the channels spread evenly over the threads; else split runs.
+bool whole_channel_tasks(const Geometry& g) {
+  const int64_t threads = at::get_num_threads();
+  return g.c >= threads && (g.c % threads == 0 || g.c >= 8 * threads);
 }
 
 int64_t channel_grain(const Geometry& g) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, g.count()));
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.count()));
 }
 
-int64_t row_grain(const Geometry& g) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, g.c));
+// The split mode: each of the N*C runs is cut into `parts` pieces of at most `length` values;
+// task t covers piece t % parts of run t / parts.
+struct RunPieces {
+  int64_t parts;
+  int64_t length;
+  int64_t tasks;
+};
+
+RunPieces run_pieces(const Geometry& g) {
+  const int64_t runs = g.n * g.c;
+  const int64_t wanted = ceil_div(kTasksPerThread * at::get_num_threads(), runs);
+  const int64_t parts = std::clamp<int64_t>(wanted, 1, ceil_div(g.hw, kChunk));
+  const int64_t length = ceil_div(g.hw, parts);
+  return {parts, length, runs * parts};
 }
 
-// Rows per chunk in the channels-last layout: about kChunk values, at least one row.
-int64_t rows_per_chunk(const Geometry& g) {
-  return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, g.c));
-}
-
-// Per-channel mean and biased variance of a channels-last tensor.
-template <typename scalar_t>
-void rows_stats(const scalar_t* x, const Geometry& g, std::vector<double>& mean,
-                std::vector<double>& var) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  const int64_t C = g.c, R = g.count(), chunk_rows = rows_per_chunk(g);
-  const int64_t threads = at::get_num_threads();
-  // Per thread: count, then mean[C], then m2[C] (all in double).
-  std::vector<double> partial(threads * (1 + 2 * C), 0.0);
-
-  at::parallel_for(0, R, row_grain(g), [&](int64_t begin, int64_t end) {
-    double* acc = partial.data() + at::get_thread_num() * (1 + 2 * C);
-    double* t_mean = acc + 1;
-    double* t_m2 = acc + 1 + C;
-    std::vector<acc_t> sum(C), m2(C);
-    for (int64_t r0 = begin; r0 < end; r0 += chunk_rows) {
-      const int64_t nr = std::min(chunk_rows, end - r0);
-      const scalar_t* base = x + r0 * C;
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      std::fill(m2.begin(), m2.end(), acc_t(0));
-      for (int64_t r = 0; r < nr; ++r) {
-        const scalar_t* row = base + r * C;
-        int64_t c = 0;
-        for (; c + IO::kWidth <= C; c += IO::kWidth) {
-          (Vec::loadu(sum.data() + c) + IO::load(row + c)).store(sum.data() + c);
-        }
-        for (; c < C; ++c) sum[c] += acc_t(row[c]);
-      }
-      const acc_t inv_nr = acc_t(1) / acc_t(nr);
-      for (int64_t c = 0; c < C; ++c) sum[c] *= inv_nr;  // sum now holds the chunk mean
-      for (int64_t r = 0; r < nr; ++r) {
-        const scalar_t* row = base + r * C;
-        int64_t c = 0;
-        for (; c + IO::kWidth <= C; c += IO::kWidth) {
-          const Vec d = IO::load(row + c) - Vec::loadu(sum.data() + c);
-          at::vec::fmadd(d, d, Vec::loadu(m2.data() + c)).store(m2.data() + c);
-        }
-        for (; c < C; ++c) {
-          const acc_t d = acc_t(row[c]) - sum[c];
-          m2[c] += d * d;
-        }
-      }
-      const double count = acc[0];
-      for (int64_t c = 0; c < C; ++c) {
-        const auto merged = welford_merge(WelfordStats<double>{t_mean[c], t_m2[c], count},
-                                          WelfordStats<double>{double(sum[c]), double(m2[c]),
-                                                               double(nr)});
-        t_mean[c] = merged.mean;
-        t_m2[c] = merged.m2;
-      }
-      acc[0] = count + double(nr);
+// Calls f(task, pointer offset, length) for every task of the split mode, in parallel, and
+// returns nothing: f stores its partial result by task index.
+template <typename F>
+void for_each_piece(const Geometry& g, const RunPieces& p, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / p.length);
+  at::parallel_for(0, p.tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t run = t / p.parts;
+      const int64_t off = (t % p.parts) * p.length;
+      const int64_t len = std::min(p.length, g.hw - off);
+      if (len > 0) f(t, run * g.hw + off, len);
     }
   });
+}
 
-  mean.assign(C, 0.0);
-  var.assign(C, 0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    WelfordStats<double> total;
-    for (int64_t t = 0; t < threads; ++t) {
-      const double* acc = partial.data() + t * (1 + 2 * C);
-      total = welford_merge(total, WelfordStats<double>{acc[1 + c], acc[1 + C + c], acc[0]});
-    }
-    mean[c] = total.mean;
-    var[c] = total.count > 0 ? total.m2 / total.count : 0.0;
+// Pieces of channel c, in a fixed order: piece k of run (n, c) is task (n * C + c) * parts + k.
+template <typename T, typename F>
+void for_channel_pieces(const Geometry& g, const RunPieces& p, const std::vector<T>& partial,
+                        int64_t c, const F& f) {
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t k = 0; k < p.parts; ++k) f(partial[(n * g.c + c) * p.parts + k]);
   }
 }
 
-// Per-channel sum(dy) and sum(dy * (x - mean)) of a channels-last tensor.
-template <typename scalar_t>
-void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
-                    const at::opmath_type<scalar_t>* mean, std::vector<double>& sum_dy,
-                    std::vector<double>& sum_dot) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  const int64_t C = g.c, R = g.count(), chunk_rows = rows_per_chunk(g);
-  const int64_t threads = at::get_num_threads();
-  std::vector<double> partial(threads * 2 * C, 0.0);
+// ------------------------------------------------------------------ channels-last reductions
 
-  at::parallel_for(0, R, row_grain(g), [&](int64_t begin, int64_t end) {
-    double* t_sum = partial.data() + at::get_thread_num() * 2 * C;
-    double* t_dot = t_sum + C;
-    std::vector<acc_t> sum(C), dot(C);
-    for (int64_t r0 = begin; r0 < end; r0 += chunk_rows) {
-      const int64_t nr = std::min(chunk_rows, end - r0);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      std::fill(dot.begin(), dot.end(), acc_t(0));
-      for (int64_t r = r0; r < r0 + nr; ++r) {
-        const scalar_t* g_row = dy + r * C;
-        const scalar_t* x_row = x + r * C;
-        int64_t c = 0;
-        for (; c + IO::kWidth <= C; c += IO::kWidth) {
-          const Vec gv = IO::load(g_row + c);
-          (Vec::loadu(sum.data() + c) + gv).store(sum.data() + c);
-          at::vec::fmadd(gv, IO::load(x_row + c) - Vec::loadu(mean + c),
-                         Vec::loadu(dot.data() + c))
-              .store(dot.data() + c);
-        }
-        for (; c < C; ++c) {
-          const acc_t gv = acc_t(g_row[c]);
-          sum[c] += gv;
-          dot[c] += gv * (acc_t(x_row[c]) - mean[c]);
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        t_sum[c] += double(sum[c]);
-        t_dot[c] += double(dot[c]);
-      }
-    }
-  });
+// Tasks of a channels-last reduction: `ranges` row ranges x `blocks` channel blocks.
+struct RowTiles {
+  int64_t ranges;
+  int64_t range_rows;
+  int64_t blocks;
+  int64_t block_channels;
+};
 
-  sum_dy.assign(C, 0.0);
-  sum_dot.assign(C, 0.0);
-  for (int64_t t = 0; t < threads; ++t) {
-    for (int64_t c = 0; c < C; ++c) {
-      sum_dy[c] += partial[t * 2 * C + c];
-      sum_dot[c] += partial[t * 2 * C + C + c];
-    }
-  }
+RowTiles row_tiles(const Geometry& g) {
+  const int64_t rows = g.rows();
+  const int64_t blocks = ceil_div(g.c, kMaxBlockChannels);
+  const int64_t block_channels = ceil_div(g.c, blocks);
+  const int64_t numel = rows * g.c;
+  // Enough tasks for every thread, none smaller than the grain, none shorter than 8 rows
+  // (shorter ones would spend more on merging than on reading).
+  const int64_t wanted = std::min(kTasksPerThread * at::get_num_threads(),
+                                  std::max<int64_t>(1, numel / kGrain));
+  const int64_t ranges =
+      std::clamp<int64_t>(ceil_div(wanted, blocks), 1, std::max<int64_t>(1, rows / 8));
+  return {ranges, ceil_div(rows, ranges), blocks, block_channels};
 }
 
-// out = a * ka[c] + (b ? (b - b_shift[c]) * kb[c] : 0) + kc[c] over rows of C values
-// (channels-last).
+// Calls f(row_begin, row_end, c0, c1, range) for every tile, in parallel.
+template <typename F>
+void for_each_tile(const Geometry& g, const RowTiles& t, const F& f) {
+  at::parallel_for(0, t.ranges * t.blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t range = task / t.blocks, block = task % t.blocks;
+      const int64_t r0 = range * t.range_rows, r1 = std::min(g.rows(), r0 + t.range_rows);
+      const int64_t c0 = block * t.block_channels, c1 = std::min(g.c, c0 + t.block_channels);
+      if (r0 < r1 && c0 < c1) f(r0, r1, c0, c1, range);
+    }
+  });
+}
+
+// col[i] += row[i] for i < n.
+template <typename scalar_t, typename acc_t>
+void add_row(acc_t* col, const scalar_t* row, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  int64_t i = 0;
+  for (; i + IO::kWidth <= n; i += IO::kWidth) {
+    (Vec::loadu(col + i) + IO::load(row + i)).store(col + i);
+  }
+  for (; i < n; ++i) col[i] += acc_t(row[i]);
+}
+
+// Statistics of rows [r0, r1) x channels [c0, c1), written to out[c0, c1). Chunks of rows get
+// the corrected two-pass treatment of chunk_stats, per channel.
 template <typename scalar_t>
-void rows_affine(scalar_t* out, const scalar_t* a, const at::opmath_type<scalar_t>* ka,
-                 const scalar_t* b, const at::opmath_type<scalar_t>* b_shift,
-                 const at::opmath_type<scalar_t>* kb,
-                 const at::opmath_type<scalar_t>* kc, const Geometry& g) {
+void tile_stats(const scalar_t* x, const Geometry& g, int64_t r0, int64_t r1, int64_t c0,
+                int64_t c1, WelfordStats<double>* out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  const int64_t C = g.c;
-  at::parallel_for(0, g.count(), row_grain(g), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* a_row = a + r * C;
-      const scalar_t* b_row = b ? b + r * C : nullptr;
-      scalar_t* o_row = out + r * C;
+  const int64_t width = c1 - c0;
+  const int64_t chunk_rows = std::clamp<int64_t>(kRowChunk / width, 1, kMaxChunkRows);
+  std::vector<acc_t> mean(width), dev(width), m2(width);
+  for (int64_t c = c0; c < c1; ++c) out[c] = WelfordStats<double>{};
+  for (int64_t r = r0; r < r1; r += chunk_rows) {
+    const int64_t nr = std::min(chunk_rows, r1 - r);
+    const scalar_t* base = x + r * g.c + c0;
+    std::fill(mean.begin(), mean.end(), acc_t(0));
+    for (int64_t i = 0; i < nr; ++i) add_row(mean.data(), base + i * g.c, width);
+    const acc_t inv_nr = acc_t(1) / acc_t(nr);
+    for (auto& m : mean) m *= inv_nr;
+    std::fill(dev.begin(), dev.end(), acc_t(0));
+    std::fill(m2.begin(), m2.end(), acc_t(0));
+    for (int64_t i = 0; i < nr; ++i) {
+      const scalar_t* row = base + i * g.c;
       int64_t c = 0;
-      for (; c + IO::kWidth <= C; c += IO::kWidth) {
-        Vec t = Vec::loadu(kc + c);
-        if (b_row) {
-          t = at::vec::fmadd(IO::load(b_row + c) - Vec::loadu(b_shift + c), Vec::loadu(kb + c), t);
-        }
-        IO::store(o_row + c, at::vec::fmadd(IO::load(a_row + c), Vec::loadu(ka + c), t));
+      for (; c + IO::kWidth <= width; c += IO::kWidth) {
+        const Vec d = IO::load(row + c) - Vec::loadu(mean.data() + c);
+        (Vec::loadu(dev.data() + c) + d).store(dev.data() + c);
+        at::vec::fmadd(d, d, Vec::loadu(m2.data() + c)).store(m2.data() + c);
       }
-      for (; c < C; ++c) {
-        acc_t t = kc[c];
-        if (b_row) t += (acc_t(b_row[c]) - b_shift[c]) * kb[c];
-        o_row[c] = scalar_t(acc_t(a_row[c]) * ka[c] + t);
+      for (; c < width; ++c) {
+        const acc_t d = acc_t(row[c]) - mean[c];
+        dev[c] += d;
+        m2[c] += d * d;
       }
     }
-  });
+    for (int64_t c = 0; c < width; ++c) {
+      const double dev_mean = double(dev[c]) / double(nr);
+      out[c0 + c] = welford_merge(
+          out[c0 + c], WelfordStats<double>{double(mean[c]) + dev_mean,
+                                            double(m2[c]) - double(dev[c]) * dev_mean, double(nr)});
+    }
+  }
 }
 
-// Per-channel tensor as a contiguous tensor of the accumulation dtype (ones/zeros when absent).
-at::Tensor channel_values(const c10::optional<at::Tensor>& t, const at::Tensor& input,
-                          at::ScalarType acc, double fill) {
-  if (given(t)) return t->to(acc).contiguous();
-  return at::full({input.size(1)}, fill, input.options().dtype(acc));
+// sum(dy) and sum(dy * (x - mean)) of rows [r0, r1) x channels [c0, c1), written to out[c0, c1).
+template <typename scalar_t>
+void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
+                    const at::opmath_type<scalar_t>* mean, int64_t r0, int64_t r1, int64_t c0,
+                    int64_t c1, GradSums* out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t width = c1 - c0;
+  const int64_t chunk_rows = std::clamp<int64_t>(kRowChunk / width, 1, kMaxChunkRows);
+  const acc_t* m = mean + c0;
+  std::vector<acc_t> sum(width), dot(width);
+  for (int64_t c = c0; c < c1; ++c) out[c] = GradSums{};
+  for (int64_t r = r0; r < r1; r += chunk_rows) {
+    const int64_t nr = std::min(chunk_rows, r1 - r);
+    std::fill(sum.begin(), sum.end(), acc_t(0));
+    std::fill(dot.begin(), dot.end(), acc_t(0));
+    for (int64_t i = r; i < r + nr; ++i) {
+      const scalar_t* g_row = dy + i * g.c + c0;
+      const scalar_t* x_row = x + i * g.c + c0;
+      int64_t c = 0;
+      for (; c + IO::kWidth <= width; c += IO::kWidth) {
+        const Vec gv = IO::load(g_row + c);
+        (Vec::loadu(sum.data() + c) + gv).store(sum.data() + c);
+        at::vec::fmadd(gv, IO::load(x_row + c) - Vec::loadu(m + c), Vec::loadu(dot.data() + c))
+            .store(dot.data() + c);
+      }
+      for (; c < width; ++c) {
+        const acc_t gv = acc_t(g_row[c]);
+        sum[c] += gv;
+        dot[c] += gv * (acc_t(x_row[c]) - m[c]);
+      }
+    }
+    for (int64_t c = 0; c < width; ++c) out[c0 + c].add({double(sum[c]), double(dot[c])});
+  }
 }
 
-// running = (1 - m) running + m batch in place, in the accumulation type of the input.
+// ------------------------------------------------------------------ operators
+
 template <typename acc_t>
-void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const acc_t* mean,
-                          const std::vector<double>& var, double count, double momentum) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, running_mean.scalar_type(), "custom_bn_running_stats", [&] {
-        scalar_t* rm = running_mean.data_ptr<scalar_t>();
-        scalar_t* rv = running_var.data_ptr<scalar_t>();
-        const int64_t sm = running_mean.stride(0), sv = running_var.stride(0);
-        const acc_t m = acc_t(momentum);
-        for (int64_t c = 0; c < running_mean.size(0); ++c) {
-          rm[c * sm] = scalar_t(running_update(acc_t(rm[c * sm]), mean[c], m));
-          const acc_t unbiased = acc_t(unbiased_variance(var[c], count));
-          rv[c * sv] = scalar_t(running_update(acc_t(rv[c * sv]), unbiased, m));
-        }
-      });
+void fold_forward_coeffs(const ForwardArgs& a, int64_t c, acc_t* alpha, acc_t* beta) {
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  const acc_t* b = static_cast<const acc_t*>(a.bias);
+  const auto k = fold_affine(static_cast<const acc_t*>(a.mean)[c],
+                             static_cast<const acc_t*>(a.invstd)[c], w ? w[c] : acc_t(1),
+                             b ? b[c] : acc_t(0));
+  alpha[c] = k.alpha;
+  beta[c] = k.beta;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
-    const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
-  check_batch_norm_forward_args(input_arg, weight, bias, running_mean, running_var, training,
-                                momentum, eps);
-  const auto fmt = batch_norm_memory_format(input_arg);
-  const at::Tensor input = input_arg.contiguous(fmt);
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const Geometry g = geometry_of(input, fmt);
-  at::Tensor output = at::empty_like(input, input.options(), fmt);
-  at::Tensor save_mean = at::empty({g.c}, input.options().dtype(acc));
-  at::Tensor save_invstd = at::empty({g.c}, input.options().dtype(acc));
-  const bool batch_stats = training && g.count() > 0;
+template <typename acc_t>
+void store_batch_stats(const ForwardArgs& a, int64_t c, const WelfordStats<double>& s) {
+  // Rounding can leave a constant channel's M2 a hair below 0; NaN must stay NaN, as in torch.
+  const double var = s.m2 < 0 ? 0.0 : s.m2 / s.count;
+  a.var[c] = var;
+  static_cast<acc_t*>(a.mean)[c] = acc_t(s.mean);
+  static_cast<acc_t*>(a.invstd)[c] = acc_t(1.0 / std::sqrt(var + a.eps));
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "custom_bn_batch_norm_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor w = channel_values(weight, input, acc, 1.0);
-    const at::Tensor b = channel_values(bias, input, acc, 0.0);
-    const acc_t* w_ptr = w.data_ptr<acc_t>();
-    const acc_t* b_ptr = b.data_ptr<acc_t>();
-    acc_t* mean_ptr = save_mean.data_ptr<acc_t>();
-    acc_t* invstd_ptr = save_invstd.data_ptr<acc_t>();
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    scalar_t* y = output.data_ptr<scalar_t>();
-    std::vector<double> var(g.c, 0.0);
+template <typename scalar_t>
+void forward_typed(const ForwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const auto* x = static_cast<const scalar_t*>(a.x);
+  auto* y = static_cast<scalar_t*>(a.y);
+  std::vector<acc_t> alpha(g.c), beta(g.c);
+  const Coeffs<acc_t> k{alpha.data(), beta.data()};
 
-    if (!training) {
-      const at::Tensor rm = running_mean->to(acc).contiguous();
-      const at::Tensor rv = running_var->to(acc).contiguous();
-      for (int64_t c = 0; c < g.c; ++c) {
-        mean_ptr[c] = rm.const_data_ptr<acc_t>()[c];
-        invstd_ptr[c] = acc_t(1) / std::sqrt(rv.const_data_ptr<acc_t>()[c] + acc_t(eps));
+  if (!a.training) {
+    for (int64_t c = 0; c < g.c; ++c) fold_forward_coeffs(a, c, alpha.data(), beta.data());
+  } else if (g.layout == Layout::kChannelsLast) {
+    const RowTiles t = row_tiles(g);
+    std::vector<WelfordStats<double>> partial(t.ranges * g.c);
+    for_each_tile(g, t, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t range) {
+      tile_stats(x, g, r0, r1, c0, c1, partial.data() + range * g.c);
+    });
+    for (int64_t c = 0; c < g.c; ++c) {
+      WelfordStats<double> s;
+      for (int64_t range = 0; range < t.ranges; ++range) {
+        s = welford_merge(s, partial[range * g.c + c]);
       }
-    } else if (!batch_stats) {
-      save_mean.zero_();
-      save_invstd.zero_();
+      store_batch_stats<acc_t>(a, c, s);
+      fold_forward_coeffs(a, c, alpha.data(), beta.data());
     }
-
-    if (g.layout == Layout::kChannelsLast) {
-      if (batch_stats) {
-        std::vector<double> mean;
-        rows_stats(x, g, mean, var);
-        for (int64_t c = 0; c < g.c; ++c) {
-          mean_ptr[c] = acc_t(mean[c]);
-          invstd_ptr[c] = acc_t(1.0 / std::sqrt(var[c] + eps));
+  } else if (whole_channel_tasks(g)) {
+    at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        WelfordStats<double> s;
+        for (int64_t n = 0; n < g.n; ++n) {
+          s = welford_merge(s, run_stats(x + (n * g.c + c) * g.hw, g.hw));
+        }
+        store_batch_stats<acc_t>(a, c, s);
+        fold_forward_coeffs(a, c, alpha.data(), beta.data());
+        for (int64_t n = 0; n < g.n; ++n) {
+          const int64_t p = (n * g.c + c) * g.hw;
+          affine_run(y + p, x + p, static_cast<const scalar_t*>(nullptr), alpha[c], beta[c],
+                     acc_t(0), acc_t(0), g.hw);
         }
       }
-      std::vector<acc_t> alpha(g.c), beta(g.c);
+    });
+    return;
+  } else {
+    const RunPieces p = run_pieces(g);
+    std::vector<WelfordStats<double>> partial(p.tasks);
+    for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len) {
+      partial[task] = run_stats(x + off, len);
+    });
+    for (int64_t c = 0; c < g.c; ++c) {
+      WelfordStats<double> s;
+      for_channel_pieces(g, p, partial, c, [&](const auto& part) { s = welford_merge(s, part); });
+      store_batch_stats<acc_t>(a, c, s);
+      fold_forward_coeffs(a, c, alpha.data(), beta.data());
+    }
+  }
+  elementwise(g, y, x, static_cast<const scalar_t*>(nullptr), k);
+}
+
+template <typename acc_t>
+BackwardCoeffs<acc_t> fold_backward_coeffs(const BackwardArgs& a, int64_t c) {
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  return fold_backward(static_cast<const acc_t*>(a.mean)[c],
+                       static_cast<const acc_t*>(a.invstd)[c], w ? w[c] : acc_t(1),
+                       acc_t(a.sum_dy ? a.sum_dy[c] : 0.0), acc_t(a.sum_dot ? a.sum_dot[c] : 0.0),
+                       acc_t(a.g.count()), a.training);
+}
+
+template <typename scalar_t>
+void backward_typed(const BackwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const auto* x = static_cast<const scalar_t*>(a.x);
+  const auto* dy = static_cast<const scalar_t*>(a.dy);
+  auto* dx = static_cast<scalar_t*>(a.dx);
+  const auto* mean = static_cast<const acc_t*>(a.mean);
+
+  if (a.need_sums) {
+    if (g.layout == Layout::kChannelsLast) {
+      const RowTiles t = row_tiles(g);
+      std::vector<GradSums> partial(t.ranges * g.c);
+      for_each_tile(g, t, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t range) {
+        tile_grad_sums(dy, x, g, mean, r0, r1, c0, c1, partial.data() + range * g.c);
+      });
       for (int64_t c = 0; c < g.c; ++c) {
-        const auto k = fold_affine(mean_ptr[c], invstd_ptr[c], w_ptr[c], b_ptr[c]);
-        alpha[c] = k.alpha;
-        beta[c] = k.beta;
+        GradSums s;
+        for (int64_t range = 0; range < t.ranges; ++range) s.add(partial[range * g.c + c]);
+        a.sum_dy[c] = s.dy;
+        a.sum_dot[c] = s.dot;
       }
-      rows_affine<scalar_t>(y, x, alpha.data(), nullptr, nullptr, nullptr, beta.data(), g);
-    } else {
-      const int64_t stride_n = g.c * g.hw;
+    } else if (whole_channel_tasks(g)) {
+      // Sums, then grad_input of the same channel while x and dy are cached.
       at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-          if (batch_stats) {
-            WelfordStats<double> s;
-            for (int64_t n = 0; n < g.n; ++n) {
-              const scalar_t* p = x + n * stride_n + c * g.hw;
-              for (int64_t off = 0; off < g.hw; off += kChunk) {
-                s = welford_merge(s, contiguous_chunk_stats(p + off, std::min(kChunk, g.hw - off)));
-              }
-            }
-            var[c] = s.m2 / s.count;
-            mean_ptr[c] = acc_t(s.mean);
-            invstd_ptr[c] = acc_t(1.0 / std::sqrt(var[c] + eps));
-          }
-          const auto k = fold_affine(mean_ptr[c], invstd_ptr[c], w_ptr[c], b_ptr[c]);
+          GradSums s;
           for (int64_t n = 0; n < g.n; ++n) {
-            const int64_t off = n * stride_n + c * g.hw;
-            contiguous_affine<scalar_t>(y + off, x + off, k.alpha, nullptr, acc_t(0), acc_t(0),
-                                        k.beta, g.hw);
+            const int64_t p = (n * g.c + c) * g.hw;
+            s.add(run_grad_sums(dy + p, x + p, g.hw, mean[c]));
           }
-        }
-      });
-    }
-
-    if (batch_stats && given(running_mean)) {
-      at::Tensor rm = *running_mean, rv = *running_var;
-      update_running_stats<acc_t>(rm, rv, mean_ptr, var, double(g.count()), momentum);
-    }
-  });
-  return {output, save_mean, save_invstd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
-    const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
-    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean_arg,
-    const at::Tensor& save_invstd_arg, bool training, double /*eps*/,
-    std::array<bool, 3> output_mask) {
-  check_batch_norm_backward_args(grad_output_arg, input_arg, weight, save_mean_arg,
-                                 save_invstd_arg);
-  const auto fmt = batch_norm_memory_format(input_arg);
-  const at::Tensor input = input_arg.contiguous(fmt);
-  const at::Tensor grad_output = grad_output_arg.contiguous(fmt);
-  const at::Tensor save_mean = save_mean_arg.contiguous();
-  const at::Tensor save_invstd = save_invstd_arg.contiguous();
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
-  const Geometry g = geometry_of(input, fmt);
-  // The reductions feed grad_weight/grad_bias and, in training, grad_input.
-  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
-
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)
-                                          : unrequested_gradient(input);
-  at::Tensor grad_weight, grad_bias;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "custom_bn_batch_norm_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor w = channel_values(weight, input, acc, 1.0);
-    const acc_t* w_ptr = w.const_data_ptr<acc_t>();
-    const acc_t* mean = save_mean.const_data_ptr<acc_t>();
-    const acc_t* invstd = save_invstd.const_data_ptr<acc_t>();
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
-    scalar_t* dx = output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr;
-    std::vector<double> sum_dy(g.c, 0.0), sum_dot(g.c, 0.0);
-    const acc_t count = acc_t(g.count());
-
-    if (g.layout == Layout::kChannelsLast) {
-      if (need_sums && g.count() > 0) rows_grad_sums(dy, x, g, mean, sum_dy, sum_dot);
-      if (dx) {
-        std::vector<acc_t> k_dy(g.c), k_x(g.c), k_c(g.c);
-        for (int64_t c = 0; c < g.c; ++c) {
-          const auto k = fold_backward(mean[c], invstd[c], w_ptr[c], acc_t(sum_dy[c]),
-                                       acc_t(sum_dot[c]), count, training);
-          k_dy[c] = k.k_dy;
-          k_x[c] = k.k_x;
-          k_c[c] = k.k_c;
-        }
-        rows_affine<scalar_t>(dx, dy, k_dy.data(), training ? x : nullptr, mean, k_x.data(),
-                              k_c.data(), g);
-      }
-    } else {
-      const int64_t stride_n = g.c * g.hw;
-      at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          if (need_sums) {
-            for (int64_t n = 0; n < g.n; ++n) {
-              const int64_t base = n * stride_n + c * g.hw;
-              for (int64_t off = 0; off < g.hw; off += kChunk) {
-                const auto [s, d] = contiguous_chunk_grad_sums(
-                    dy + base + off, x + base + off, std::min(kChunk, g.hw - off), mean[c]);
-                sum_dy[c] += s;
-                sum_dot[c] += d;
-              }
-            }
-          }
+          a.sum_dy[c] = s.dy;
+          a.sum_dot[c] = s.dot;
           if (!dx) continue;
-          const auto k = fold_backward(mean[c], invstd[c], w_ptr[c], acc_t(sum_dy[c]),
-                                       acc_t(sum_dot[c]), count, training);
+          const auto k = fold_backward_coeffs<acc_t>(a, c);
           for (int64_t n = 0; n < g.n; ++n) {
-            const int64_t off = n * stride_n + c * g.hw;
-            contiguous_affine<scalar_t>(dx + off, dy + off, k.k_dy, training ? x + off : nullptr,
-                                        k.mean, k.k_x, k.k_c, g.hw);
+            const int64_t p = (n * g.c + c) * g.hw;
+            affine_run(dx + p, dy + p, a.training ? x + p : nullptr, k.k_dy, k.k_c, k.mean,
+                       k.k_x, g.hw);
           }
         }
       });
-    }
-
-    if (output_mask[1] || output_mask[2]) {
-      at::Tensor gw = at::empty({g.c}, input.options().dtype(acc));
-      at::Tensor gb = at::empty({g.c}, input.options().dtype(acc));
-      acc_t* gw_ptr = gw.data_ptr<acc_t>();
-      acc_t* gb_ptr = gb.data_ptr<acc_t>();
+      return;
+    } else {
+      const RunPieces p = run_pieces(g);
+      std::vector<GradSums> partial(p.tasks);
+      for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len) {
+        partial[task] = run_grad_sums(dy + off, x + off, len, mean[(off / g.hw) % g.c]);
+      });
       for (int64_t c = 0; c < g.c; ++c) {
-        gw_ptr[c] = acc_t(sum_dot[c] * double(invstd[c]));
-        gb_ptr[c] = acc_t(sum_dy[c]);
+        GradSums s;
+        for_channel_pieces(g, p, partial, c, [&](const GradSums& part) { s.add(part); });
+        a.sum_dy[c] = s.dy;
+        a.sum_dot[c] = s.dot;
       }
-      if (output_mask[1]) grad_weight = gw.to(param_dtype);
-      if (output_mask[2]) grad_bias = gb.to(param_dtype);
     }
-  });
-  if (!output_mask[1]) grad_weight = unrequested_gradient(input);
-  if (!output_mask[2]) grad_bias = unrequested_gradient(input);
-  return {grad_input, grad_weight, grad_bias};
+  }
+  if (!dx) return;
+  std::vector<acc_t> k_dy(g.c), k_x(g.c), k_c(g.c);
+  for (int64_t c = 0; c < g.c; ++c) {
+    const auto k = fold_backward_coeffs<acc_t>(a, c);
+    k_dy[c] = k.k_dy;
+    k_x[c] = k.k_x;
+    k_c[c] = k.k_c;
+  }
+  if (a.training) {
+    elementwise(g, dx, dy, x, Coeffs<acc_t>{k_dy.data(), k_c.data(), mean, k_x.data()});
+  } else {
+    elementwise(g, dx, dy, static_cast<const scalar_t*>(nullptr),
+                Coeffs<acc_t>{k_dy.data(), k_c.data()});
+  }
+}
+
+void forward(const ForwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_forward_cpu",
+                                  [&] { forward_typed<scalar_t>(a); });
+}
+
+void backward(const BackwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_backward_cpu",
+                                  [&] { backward_typed<scalar_t>(a); });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
-  m.impl("batch_norm_forward", &batch_norm_forward_cpu);
-  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
-}
+#ifdef _OPENMP
+constexpr bool kOpenMP = true;
+#else
+constexpr bool kOpenMP = false;
+#endif
 
-}  // namespace custom_bn
+const Kernels kernels = {&forward, &backward, CUSTOM_BN_STRINGIFY(CPU_CAPABILITY), kOpenMP};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace custom_bn::cpu

@@ -9,8 +9,9 @@ import torch  # noqa: F401  (loads libtorch, which custom_bn._C links against)
 from . import _C  # noqa: F401  (registers torch.ops.custom_bn.*)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / export)
 from . import functional
+from ._build_info import build_info
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "__version__"]
+__all__ = ["build_info", "functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "__version__"]

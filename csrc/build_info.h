@@ -1,0 +1,25 @@
+#pragma once
+// What this build of custom_bn contains and which CPU code path it runs (installed as
+// <custom_bn/build_info.h>; Python: custom_bn.build_info()).
+#include <string>
+#include <vector>
+
+namespace custom_bn {
+
+// Instruction-set level of the CPU kernels in use: "DEFAULT", "AVX2" or "AVX512". Chosen once,
+// at the first call, as ATen chooses its own kernels: the best level that both this library was
+// compiled for and the running CPU supports, or the one named by the environment variable
+// ATEN_CPU_CAPABILITY (default, avx2, avx512) if that is lower.
+std::string cpu_capability();
+
+// Every level the CPU kernels were compiled for.
+std::vector<std::string> cpu_capabilities_compiled();
+
+// Whether the CPU kernels were compiled with OpenMP, so that at::parallel_for runs them on
+// torch's intra-op thread pool (torch.set_num_threads / at::set_num_threads).
+bool built_with_openmp();
+
+// Whether the CUDA kernels were compiled into this library.
+bool built_with_cuda();
+
+}  // namespace custom_bn

@@ -1,0 +1,133 @@
+// The CPU kernels of custom_bn::batch_norm_forward and custom_bn::batch_norm_backward: argument
+// checks, outputs, per-channel parameters in the accumulation type and the running-stat update.
+// The arithmetic runs in the copy of batch_norm_kernel.cpp chosen for this CPU
+// (cpu_capability.cpp).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "batch_norm_kernel.h"
+#include "checks.h"
+#include "common/batch_norm_math.h"
+#include "cpu_capability.h"
+
+namespace custom_bn {
+namespace {
+
+// Per-channel tensor as a contiguous tensor of the accumulation dtype, or undefined when absent
+// (the kernels then use 1 for weight and 0 for bias).
+at::Tensor channel_values(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  return given(t) ? t->to(acc).contiguous() : at::Tensor();
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// running = (1 - m) running + m batch in place, in the accumulation type of the input. The
+// running stats may be strided views.
+template <typename acc_t>
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const acc_t* mean,
+                          const std::vector<double>& var, double count, double momentum) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, running_mean.scalar_type(), "custom_bn_running_stats", [&] {
+        scalar_t* rm = running_mean.data_ptr<scalar_t>();
+        scalar_t* rv = running_var.data_ptr<scalar_t>();
+        const int64_t sm = running_mean.stride(0), sv = running_var.stride(0);
+        const acc_t m = acc_t(momentum);
+        for (int64_t c = 0; c < running_mean.size(0); ++c) {
+          rm[c * sm] = scalar_t(running_update(acc_t(rm[c * sm]), mean[c], m));
+          const acc_t unbiased = acc_t(unbiased_variance(var[c], count));
+          rv[c * sv] = scalar_t(running_update(acc_t(rv[c * sv]), unbiased, m));
+        }
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
+    const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+  check_batch_norm_forward_args(input_arg, weight, bias, running_mean, running_var, training,
+                                momentum, eps);
+  const auto fmt = batch_norm_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous(fmt);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Geometry g = geometry_of(input, fmt);
+  at::Tensor output = at::empty_like(input, input.options(), fmt);
+  at::Tensor save_mean = at::empty({g.c}, input.options().dtype(acc));
+  at::Tensor save_invstd = at::empty({g.c}, input.options().dtype(acc));
+  const bool batch_stats = training && g.count() > 0;
+
+  if (!training) {
+    save_mean.copy_(*running_mean);
+    at::rsqrt_out(save_invstd, running_var->to(acc) + eps);
+  } else if (!batch_stats) {
+    save_mean.zero_();
+    save_invstd.zero_();
+  }
+  if (input.numel() == 0) return {output, save_mean, save_invstd};
+
+  const at::Tensor w = channel_values(weight, acc);
+  const at::Tensor b = channel_values(bias, acc);
+  std::vector<double> var(g.c);
+  cpu::selected_kernels().forward({input.scalar_type(), g, input.const_data_ptr(),
+                                   output.data_ptr(), data_or_null(w), data_or_null(b),
+                                   save_mean.data_ptr(), save_invstd.data_ptr(), var.data(),
+                                   batch_stats, eps});
+  if (batch_stats && given(running_mean)) {
+    at::Tensor rm = *running_mean, rv = *running_var;
+    AT_DISPATCH_FLOATING_TYPES(acc, "custom_bn_running_stats", [&] {
+      update_running_stats<scalar_t>(rm, rv, save_mean.const_data_ptr<scalar_t>(), var,
+                                     double(g.count()), momentum);
+    });
+  }
+  return {output, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+    const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean_arg,
+    const at::Tensor& save_invstd_arg, bool training, double /*eps*/,
+    std::array<bool, 3> output_mask) {
+  check_batch_norm_backward_args(grad_output_arg, input_arg, weight, save_mean_arg,
+                                 save_invstd_arg);
+  const auto fmt = batch_norm_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous(fmt);
+  const at::Tensor grad_output = grad_output_arg.contiguous(fmt);
+  const at::Tensor save_mean = save_mean_arg.contiguous();
+  const at::Tensor save_invstd = save_invstd_arg.contiguous();
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
+  const Geometry g = geometry_of(input, fmt);
+  // The reductions feed grad_weight/grad_bias and, in training, grad_input.
+  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
+
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)
+                                          : unrequested_gradient(input);
+  // Sums (double) of dy and dy * (x - mean); zero for an empty batch.
+  at::Tensor sums = at::zeros({2, g.c}, input.options().dtype(at::kDouble));
+  if (input.numel() > 0 && (need_sums || output_mask[0])) {
+    const at::Tensor w = channel_values(weight, acc);
+    double* sum_ptr = sums.data_ptr<double>();
+    cpu::selected_kernels().backward(
+        {input.scalar_type(), g, grad_output.const_data_ptr(), input.const_data_ptr(),
+         output_mask[0] ? grad_input.data_ptr() : nullptr, data_or_null(w),
+         save_mean.const_data_ptr(), save_invstd.const_data_ptr(), sum_ptr, sum_ptr + g.c,
+         need_sums, training});
+  }
+  at::Tensor grad_weight = output_mask[1]
+                               ? (sums[1] * save_invstd.to(at::kDouble)).to(param_dtype)
+                               : unrequested_gradient(input);
+  at::Tensor grad_bias = output_mask[2] ? sums[0].to(param_dtype) : unrequested_gradient(input);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+}
+
+}  // namespace custom_bn

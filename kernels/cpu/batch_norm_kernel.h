@@ -1,0 +1,64 @@
+#pragma once
+// Interface between the CPU operator (batch_norm_cpu.cpp: checks, allocation, running stats) and
+// the arithmetic (batch_norm_kernel.cpp), which is compiled once per instruction-set level
+// (kernels/cpu/cpu_capabilities.txt) into the namespaces DEFAULT, AVX2 and AVX512. The operator
+// calls the copy chosen for the running CPU (cpu_capability.h). Only raw pointers and plain
+// structs cross this line, so the per-ISA objects hold no tensor code of their own.
+#include <c10/core/ScalarType.h>
+
+#include "common/geometry.h"
+
+namespace custom_bn::cpu {
+
+// Per-channel arrays (weight, bias, mean, invstd) are contiguous [C] arrays of the accumulation
+// type (float for float16/bfloat16 input, else the input's type); x, y, dy, dx are contiguous in
+// the layout of g and have the input's type.
+struct ForwardArgs {
+  c10::ScalarType dtype;
+  Geometry g;
+  const void* x;
+  void* y;
+  const void* weight;  // nullptr: 1
+  const void* bias;    // nullptr: 0
+  // Training: written with the batch mean and 1/sqrt(var + eps), and var (double) with the
+  // biased batch variance. Evaluation: read (the running statistics, folded by the caller).
+  void* mean;
+  void* invstd;
+  double* var;
+  bool training;
+  double eps;
+};
+
+struct BackwardArgs {
+  c10::ScalarType dtype;
+  Geometry g;
+  const void* dy;
+  const void* x;
+  void* dx;            // nullptr: grad_input not requested
+  const void* weight;  // nullptr: 1
+  const void* mean;
+  const void* invstd;
+  double* sum_dy;   // [C] sum(dy), written when need_sums
+  double* sum_dot;  // [C] sum(dy * (x - mean)), written when need_sums
+  bool need_sums;
+  bool training;
+};
+
+struct Kernels {
+  void (*forward)(const ForwardArgs&);
+  void (*backward)(const BackwardArgs&);
+  const char* capability;  // "DEFAULT", "AVX2" or "AVX512", as at::get_cpu_capability() names them
+  bool openmp;             // compiled with OpenMP: at::parallel_for uses torch's thread pool
+};
+
+namespace DEFAULT {
+extern const Kernels kernels;
+}
+namespace AVX2 {
+extern const Kernels kernels;
+}
+namespace AVX512 {
+extern const Kernels kernels;
+}
+
+}  // namespace custom_bn::cpu

@@ -1,0 +1,56 @@
+// Run-time choice among the copies of the CPU kernels compiled for each instruction-set level.
+// The choice follows ATen's (at::get_cpu_capability(), which reads the CPU and honours the
+// ATEN_CPU_CAPABILITY override), so custom_bn and torch's own kernels use the same vector width,
+// and a library built on any machine runs on any x86-64 CPU.
+#include "cpu_capability.h"
+
+#include <ATen/Version.h>
+
+#include "build_info.h"
+
+namespace custom_bn {
+namespace cpu {
+
+namespace {
+
+// Compiled levels, lowest first. CUSTOM_BN_CPU_X86 is defined by the build when it compiled the
+// x86 levels (kernels/cpu/cpu_capabilities.txt); other architectures get the portable copy only.
+constexpr const Kernels* kCompiled[] = {
+    &DEFAULT::kernels,
+#if defined(CUSTOM_BN_CPU_X86) && CUSTOM_BN_CPU_X86
+    &AVX2::kernels,
+    &AVX512::kernels,
+#endif
+};
+
+const Kernels* choose() {
+  const std::string aten = at::get_cpu_capability();
+  const Kernels* best = kCompiled[0];
+  for (const Kernels* k : kCompiled) {
+    if (aten == k->capability) best = k;
+  }
+  return best;
+}
+
+}  // namespace
+
+const Kernels& selected_kernels() {
+  static const Kernels* const chosen = choose();
+  return *chosen;
+}
+
+}  // namespace cpu
+
+std::string cpu_capability() { return cpu::selected_kernels().capability; }
+
+std::vector<std::string> cpu_capabilities_compiled() {
+  std::vector<std::string> names;
+  for (const cpu::Kernels* k : cpu::kCompiled) names.emplace_back(k->capability);
+  return names;
+}
+
+bool built_with_openmp() { return cpu::selected_kernels().openmp; }
+
+bool built_with_cuda() { return CUSTOM_BN_WITH_CUDA; }
+
+}  // namespace custom_bn
