@@ -1,4 +1,4 @@
-# custom_bn: `make demo` (main job) and `make test` (everything CI checks).
+# custom_bn: `make demo` (main job), `make test` (everything CI checks), `make bench` (CPU timings).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: setup build build-python build-cmake test test-cpp test-python demo clean
+.PHONY: setup build build-python build-cmake test test-cpp test-python demo bench bench-cpp clean
 
 setup: $(SETUP_STAMP)
 	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
@@ -52,6 +52,24 @@ test: test-cpp test-python
 
 demo: build-python
 	$(PY) examples/train_digits.py
+
+# Not part of `make test`: timings belong here, never in unit tests. About 5-10 minutes.
+bench: build-python
+	$(PY) benchmarks/bench.py
+
+# C++ Google Benchmark of custom_bn:: against ATen (a CPU-only build of its own, apart from
+# build/cmake). BENCH_THREADS sets at::set_num_threads; BENCH_ARGS go to the binary.
+BENCH_BUILD := build/bench
+BENCH_THREADS ?= 2
+BENCH_ARGS ?= --benchmark_min_time=0.2
+bench-cpp: setup
+	@dpkg -s libbenchmark-dev >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq libbenchmark-dev; }
+	cmake -S . -B $(BENCH_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DWITH_CUDA=OFF \
+	  -DBUILD_TESTING=OFF -DCUSTOM_BN_BUILD_BENCHMARKS=ON \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(BENCH_BUILD) --target custom_bn_bench -j $(MAX_JOBS)
+	CUSTOM_BN_BENCH_THREADS=$(BENCH_THREADS) $(BENCH_BUILD)/benchmarks/cpp/custom_bn_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build python/custom_bn/*.so

@@ -57,28 +57,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   at::Tensor output = at::empty_like(input, input.options(), fmt);
   at::Tensor save_mean = at::empty({g.c}, input.options().dtype(acc));
   at::Tensor save_invstd = at::empty({g.c}, input.options().dtype(acc));
-  const bool batch_stats = training && g.count() > 0;
 
-  if (!training) {
-    save_mean.copy_(*running_mean);
-    at::rsqrt_out(save_invstd, running_var->to(acc) + eps);
-  } else if (!batch_stats) {
-    save_mean.zero_();
-    save_invstd.zero_();
+  if (input.numel() == 0) {
+    // No values: training reports zero statistics and leaves the running stats alone.
+    if (training) {
+      save_mean.zero_();
+      save_invstd.zero_();
+    } else {
+      save_mean.copy_(*running_mean);
+      at::rsqrt_out(save_invstd, running_var->to(acc) + eps);
+    }
+    return {output, save_mean, save_invstd};
   }
-  if (input.numel() == 0) return {output, save_mean, save_invstd};
-
   const at::Tensor w = channel_values(weight, acc);
   const at::Tensor b = channel_values(bias, acc);
+  const at::Tensor rm = training ? at::Tensor() : channel_values(running_mean, acc);
+  const at::Tensor rv = training ? at::Tensor() : channel_values(running_var, acc);
   std::vector<double> var(g.c);
   cpu::selected_kernels().forward({input.scalar_type(), g, input.const_data_ptr(),
                                    output.data_ptr(), data_or_null(w), data_or_null(b),
-                                   save_mean.data_ptr(), save_invstd.data_ptr(), var.data(),
-                                   batch_stats, eps});
-  if (batch_stats && given(running_mean)) {
-    at::Tensor rm = *running_mean, rv = *running_var;
+                                   data_or_null(rm), data_or_null(rv), save_mean.data_ptr(),
+                                   save_invstd.data_ptr(), var.data(), training, eps});
+  if (training && given(running_mean)) {
+    at::Tensor rm_out = *running_mean, rv_out = *running_var;
     AT_DISPATCH_FLOATING_TYPES(acc, "custom_bn_running_stats", [&] {
-      update_running_stats<scalar_t>(rm, rv, save_mean.const_data_ptr<scalar_t>(), var,
+      update_running_stats<scalar_t>(rm_out, rv_out, save_mean.const_data_ptr<scalar_t>(), var,
                                      double(g.count()), momentum);
     });
   }
@@ -100,27 +103,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const auto acc = accumulate_dtype(input.scalar_type());
   const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
   const Geometry g = geometry_of(input, fmt);
-  // The reductions feed grad_weight/grad_bias and, in training, grad_input.
-  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
 
   at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)
                                           : unrequested_gradient(input);
-  // Sums (double) of dy and dy * (x - mean); zero for an empty batch.
-  at::Tensor sums = at::zeros({2, g.c}, input.options().dtype(at::kDouble));
-  if (input.numel() > 0 && (need_sums || output_mask[0])) {
+  // Computed in the accumulation dtype; zero for an empty batch.
+  const auto channel_grad = [&](bool wanted) {
+    if (!wanted) return at::Tensor();
+    return input.numel() == 0 ? at::zeros({g.c}, input.options().dtype(acc))
+                              : at::empty({g.c}, input.options().dtype(acc));
+  };
+  at::Tensor grad_weight = channel_grad(output_mask[1]);
+  at::Tensor grad_bias = channel_grad(output_mask[2]);
+  if (input.numel() > 0) {
     const at::Tensor w = channel_values(weight, acc);
-    double* sum_ptr = sums.data_ptr<double>();
     cpu::selected_kernels().backward(
         {input.scalar_type(), g, grad_output.const_data_ptr(), input.const_data_ptr(),
          output_mask[0] ? grad_input.data_ptr() : nullptr, data_or_null(w),
-         save_mean.const_data_ptr(), save_invstd.const_data_ptr(), sum_ptr, sum_ptr + g.c,
-         need_sums, training});
+         save_mean.const_data_ptr(), save_invstd.const_data_ptr(),
+         output_mask[1] ? grad_weight.data_ptr() : nullptr,
+         output_mask[2] ? grad_bias.data_ptr() : nullptr, training});
   }
-  at::Tensor grad_weight = output_mask[1]
-                               ? (sums[1] * save_invstd.to(at::kDouble)).to(param_dtype)
-                               : unrequested_gradient(input);
-  at::Tensor grad_bias = output_mask[2] ? sums[0].to(param_dtype) : unrequested_gradient(input);
-  return {grad_input, grad_weight, grad_bias};
+  const auto finish = [&](const at::Tensor& t) {
+    return t.defined() ? t.to(param_dtype) : unrequested_gradient(input);
+  };
+  return {grad_input, finish(grad_weight), finish(grad_bias)};
 }
 
 }  // namespace

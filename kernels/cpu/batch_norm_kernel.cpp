@@ -51,9 +51,10 @@ using at::vec::Vectorized;
 
 // Values of a contiguous statistics chunk: its two passes run while it sits in L1.
 constexpr int64_t kChunk = 4096;
-// Channels-last chunks: about this many values, and at most kMaxChunkRows rows, so that a
-// channel's float accumulator sums few enough terms to keep float32 accuracy.
-constexpr int64_t kRowChunk = 8192;
+// Channels-last chunks: about this many values (their second pass hits L2), and at most
+// kMaxChunkRows rows, so that a channel's float accumulator sums few enough terms to keep
+// float32 accuracy.
+constexpr int64_t kRowChunk = 32768;
 constexpr int64_t kMaxChunkRows = 512;
 // Widest channel block of a channels-last reduction task.
 constexpr int64_t kMaxBlockChannels = 1024;
@@ -64,28 +65,57 @@ constexpr int64_t kTasksPerThread = 4;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Vector loads/stores of scalar_t values as vectors of the accumulation type.
+// Loads and stores of scalar_t values as pairs of vectors of the accumulation type: a step is
+// 2 vectors' worth of values, which is one vector of float16/bfloat16 (converted in one go) and
+// gives the reductions two independent accumulator chains.
 template <typename scalar_t>
 struct VecIO {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
+  using Pair = std::pair<Vec, Vec>;
   static constexpr int64_t kWidth = Vec::size();
+  static constexpr int64_t kStep = 2 * kWidth;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static_assert(!kReduced || Vectorized<scalar_t>::size() == kStep);
 
-  static Vec load(const scalar_t* p) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return Vec::loadu(p);
+  static Pair load2(const scalar_t* p) {
+    if constexpr (kReduced) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      return {lo, hi};
     } else {
-      Vec v;
-      at::vec::load_to_float<scalar_t>(p, v);
-      return v;
+      return {Vec::loadu(p), Vec::loadu(p + kWidth)};
     }
   }
-  static void store(scalar_t* p, const Vec& v) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      v.store(p);
+  // The first `count` < kStep values; the other lanes are unspecified.
+  static Pair load2(const scalar_t* p, int64_t count) {
+    if constexpr (kReduced) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
+      return {lo, hi};
     } else {
-      at::vec::convert_from_float<scalar_t>(v, v).store(p, kWidth);
+      return load_acc2(p, count);
     }
+  }
+  static void store2(scalar_t* p, const Vec& lo, const Vec& hi) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    } else {
+      lo.store(p);
+      hi.store(p + kWidth);
+    }
+  }
+  static void store2(scalar_t* p, const Vec& lo, const Vec& hi, int64_t count) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p, count);
+    } else {
+      lo.store(p, std::min(count, kWidth));
+      if (count > kWidth) hi.store(p + kWidth, count - kWidth);
+    }
+  }
+  // Per-channel coefficients (acc_t arrays), whole or the first `count` values.
+  static Pair load_acc2(const acc_t* p) { return {Vec::loadu(p), Vec::loadu(p + kWidth)}; }
+  static Pair load_acc2(const acc_t* p, int64_t count) {
+    return {Vec::loadu(p, std::min(count, kWidth)),
+            count > kWidth ? Vec::loadu(p + kWidth, count - kWidth) : Vec(acc_t(0))};
   }
 };
 
@@ -104,22 +134,28 @@ WelfordStats<double> chunk_stats(const scalar_t* x, int64_t n) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  Vec vsum(acc_t(0));
+  Vec s0(acc_t(0)), s1(acc_t(0));
   int64_t i = 0;
-  for (; i + IO::kWidth <= n; i += IO::kWidth) vsum += IO::load(x + i);
-  acc_t sum = horizontal_sum(vsum);
-  for (; i < n; ++i) sum += acc_t(x[i]);
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    const auto [a, b] = IO::load2(x + i);
+    s0 += a;
+    s1 += b;
+  }
+  acc_t sum = horizontal_sum(s0 + s1);
+  for (int64_t j = i; j < n; ++j) sum += acc_t(x[j]);
   const acc_t mean = sum / acc_t(n);
 
   const Vec vmean(mean);
-  Vec vm2(acc_t(0)), vdev(acc_t(0));
-  i = 0;
-  for (; i + IO::kWidth <= n; i += IO::kWidth) {
-    const Vec d = IO::load(x + i) - vmean;
-    vdev += d;
-    vm2 = at::vec::fmadd(d, d, vm2);
+  Vec dev0(acc_t(0)), dev1(acc_t(0)), m0(acc_t(0)), m1(acc_t(0));
+  for (int64_t j = 0; j < i; j += IO::kStep) {
+    const auto [a, b] = IO::load2(x + j);
+    const Vec d0 = a - vmean, d1 = b - vmean;
+    dev0 += d0;
+    dev1 += d1;
+    m0 = at::vec::fmadd(d0, d0, m0);
+    m1 = at::vec::fmadd(d1, d1, m1);
   }
-  acc_t m2 = horizontal_sum(vm2), dev = horizontal_sum(vdev);
+  acc_t m2 = horizontal_sum(m0 + m1), dev = horizontal_sum(dev0 + dev1);
   for (; i < n; ++i) {
     const acc_t d = acc_t(x[i]) - mean;
     dev += d;
@@ -159,14 +195,17 @@ GradSums run_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
   GradSums total;
   for (int64_t off = 0; off < n; off += kChunk) {
     const int64_t end = std::min(n, off + kChunk);
-    Vec vsum(acc_t(0)), vdot(acc_t(0));
+    Vec s0(acc_t(0)), s1(acc_t(0)), d0(acc_t(0)), d1(acc_t(0));
     int64_t i = off;
-    for (; i + IO::kWidth <= end; i += IO::kWidth) {
-      const Vec g = IO::load(dy + i);
-      vsum += g;
-      vdot = at::vec::fmadd(g, IO::load(x + i) - vmean, vdot);
+    for (; i + IO::kStep <= end; i += IO::kStep) {
+      const auto [g0, g1] = IO::load2(dy + i);
+      const auto [x0, x1] = IO::load2(x + i);
+      s0 += g0;
+      s1 += g1;
+      d0 = at::vec::fmadd(g0, x0 - vmean, d0);
+      d1 = at::vec::fmadd(g1, x1 - vmean, d1);
     }
-    acc_t sum = horizontal_sum(vsum), dot = horizontal_sum(vdot);
+    acc_t sum = horizontal_sum(s0 + s1), dot = horizontal_sum(d0 + d1);
     for (; i < end; ++i) {
       const acc_t g = acc_t(dy[i]);
       sum += g;
@@ -190,54 +229,73 @@ struct Coeffs {
   const acc_t* kb = nullptr;
 };
 
+// out[i] = a[i] * ka + (b[i] - shift) * kb + kc for i < n (the b term only when b is given):
+// f(load(a), load(b)) on each step, full or (last) partial.
+template <typename scalar_t, typename F>
+void map_steps(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n, const F& f) {
+  using IO = VecIO<scalar_t>;
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    const auto [lo, hi] = f(i, IO::load2(a + i), b ? IO::load2(b + i) : typename IO::Pair{});
+    IO::store2(out + i, lo, hi);
+  }
+  if (i < n) {
+    const int64_t rest = n - i;
+    const auto [lo, hi] =
+        f(i, IO::load2(a + i, rest), b ? IO::load2(b + i, rest) : typename IO::Pair{});
+    IO::store2(out + i, lo, hi, rest);
+  }
+}
+
 // n values of one channel (contiguous layout): scalar coefficients.
 template <typename scalar_t, typename acc_t>
 void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, acc_t kc,
                 acc_t shift, acc_t kb, int64_t n) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
+  using Pair = typename IO::Pair;
   const Vec vka(ka), vkb(kb), vkc(kc), vshift(shift);
-  int64_t i = 0;
   if (b == nullptr) {
-    for (; i + IO::kWidth <= n; i += IO::kWidth) {
-      IO::store(out + i, at::vec::fmadd(IO::load(a + i), vka, vkc));
-    }
-    for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka + kc);
+    map_steps(out, a, b, n, [&](int64_t, const Pair& x, const Pair&) {
+      return Pair{at::vec::fmadd(x.first, vka, vkc), at::vec::fmadd(x.second, vka, vkc)};
+    });
   } else {
-    for (; i + IO::kWidth <= n; i += IO::kWidth) {
-      const Vec t = at::vec::fmadd(IO::load(b + i) - vshift, vkb, vkc);
-      IO::store(out + i, at::vec::fmadd(IO::load(a + i), vka, t));
-    }
-    for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka + ((acc_t(b[i]) - shift) * kb + kc));
+    map_steps(out, a, b, n, [&](int64_t, const Pair& x, const Pair& y) {
+      return Pair{at::vec::fmadd(x.first, vka, at::vec::fmadd(y.first - vshift, vkb, vkc)),
+                  at::vec::fmadd(x.second, vka, at::vec::fmadd(y.second - vshift, vkb, vkc))};
+    });
   }
 }
 
-// n consecutive channels of one row (channels-last layout): coefficient arrays, already offset
-// to the first channel.
+// n consecutive channels c0 ... c0 + n - 1 of one row (channels-last layout): coefficient
+// arrays.
 template <typename scalar_t, typename acc_t>
 void affine_row(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coeffs<acc_t>& k,
                 int64_t c0, int64_t n) {
   using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
+  using Pair = typename IO::Pair;
+  const auto coeff = [n](const acc_t* p, int64_t i) {
+    return i + IO::kStep <= n ? IO::load_acc2(p + i) : IO::load_acc2(p + i, n - i);
+  };
   const acc_t* ka = k.ka + c0;
   const acc_t* kc = k.kc + c0;
-  int64_t i = 0;
   if (b == nullptr) {
-    for (; i + IO::kWidth <= n; i += IO::kWidth) {
-      IO::store(out + i, at::vec::fmadd(IO::load(a + i), Vec::loadu(ka + i), Vec::loadu(kc + i)));
-    }
-    for (; i < n; ++i) out[i] = scalar_t(acc_t(a[i]) * ka[i] + kc[i]);
+    map_steps(out, a, b, n, [&](int64_t i, const Pair& x, const Pair&) {
+      const auto [a0, a1] = coeff(ka, i);
+      const auto [c0v, c1v] = coeff(kc, i);
+      return Pair{at::vec::fmadd(x.first, a0, c0v), at::vec::fmadd(x.second, a1, c1v)};
+    });
   } else {
     const acc_t* shift = k.shift + c0;
     const acc_t* kb = k.kb + c0;
-    for (; i + IO::kWidth <= n; i += IO::kWidth) {
-      const Vec t = at::vec::fmadd(IO::load(b + i) - Vec::loadu(shift + i), Vec::loadu(kb + i),
-                                   Vec::loadu(kc + i));
-      IO::store(out + i, at::vec::fmadd(IO::load(a + i), Vec::loadu(ka + i), t));
-    }
-    for (; i < n; ++i) {
-      out[i] = scalar_t(acc_t(a[i]) * ka[i] + ((acc_t(b[i]) - shift[i]) * kb[i] + kc[i]));
-    }
+    map_steps(out, a, b, n, [&](int64_t i, const Pair& x, const Pair& y) {
+      const auto [a0, a1] = coeff(ka, i);
+      const auto [c0v, c1v] = coeff(kc, i);
+      const auto [s0, s1] = coeff(shift, i);
+      const auto [b0, b1] = coeff(kb, i);
+      return Pair{at::vec::fmadd(x.first, a0, at::vec::fmadd(y.first - s0, b0, c0v)),
+                  at::vec::fmadd(x.second, a1, at::vec::fmadd(y.second - s1, b1, c1v))};
+    });
   }
 }
 
@@ -367,20 +425,10 @@ void for_each_tile(const Geometry& g, const RowTiles& t, const F& f) {
   });
 }
 
-// col[i] += row[i] for i < n.
-template <typename scalar_t, typename acc_t>
-void add_row(acc_t* col, const scalar_t* row, int64_t n) {
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  int64_t i = 0;
-  for (; i + IO::kWidth <= n; i += IO::kWidth) {
-    (Vec::loadu(col + i) + IO::load(row + i)).store(col + i);
-  }
-  for (; i < n; ++i) col[i] += acc_t(row[i]);
-}
-
-// Statistics of rows [r0, r1) x channels [c0, c1), written to out[c0, c1). Chunks of rows get
-// the corrected two-pass treatment of chunk_stats, per channel.
+// Statistics of rows [r0, r1) x channels [c0, c1), written to out[c0, c1). Each chunk of rows
+// gets the corrected two-pass treatment of chunk_stats, per channel, and is merged into
+// running (mean, M2) arrays; every channel of a tile has the same count, so the merge weight
+// is computed once per chunk.
 template <typename scalar_t>
 void tile_stats(const scalar_t* x, const Geometry& g, int64_t r0, int64_t r1, int64_t c0,
                 int64_t c1, WelfordStats<double>* out) {
@@ -388,39 +436,62 @@ void tile_stats(const scalar_t* x, const Geometry& g, int64_t r0, int64_t r1, in
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   const int64_t width = c1 - c0;
+  const int64_t vector_width = width - width % IO::kStep;
   const int64_t chunk_rows = std::clamp<int64_t>(kRowChunk / width, 1, kMaxChunkRows);
   std::vector<acc_t> mean(width), dev(width), m2(width);
-  for (int64_t c = c0; c < c1; ++c) out[c] = WelfordStats<double>{};
+  std::vector<double> total_mean(width, 0.0), total_m2(width, 0.0);
+  double total_count = 0;
   for (int64_t r = r0; r < r1; r += chunk_rows) {
     const int64_t nr = std::min(chunk_rows, r1 - r);
     const scalar_t* base = x + r * g.c + c0;
     std::fill(mean.begin(), mean.end(), acc_t(0));
-    for (int64_t i = 0; i < nr; ++i) add_row(mean.data(), base + i * g.c, width);
+    for (int64_t i = 0; i < nr; ++i) {
+      const scalar_t* row = base + i * g.c;
+      for (int64_t c = 0; c < vector_width; c += IO::kStep) {
+        const auto [x0, x1] = IO::load2(row + c);
+        const auto [s0, s1] = IO::load_acc2(mean.data() + c);
+        (s0 + x0).store(mean.data() + c);
+        (s1 + x1).store(mean.data() + c + IO::kWidth);
+      }
+      for (int64_t c = vector_width; c < width; ++c) mean[c] += acc_t(row[c]);
+    }
     const acc_t inv_nr = acc_t(1) / acc_t(nr);
     for (auto& m : mean) m *= inv_nr;
     std::fill(dev.begin(), dev.end(), acc_t(0));
     std::fill(m2.begin(), m2.end(), acc_t(0));
     for (int64_t i = 0; i < nr; ++i) {
       const scalar_t* row = base + i * g.c;
-      int64_t c = 0;
-      for (; c + IO::kWidth <= width; c += IO::kWidth) {
-        const Vec d = IO::load(row + c) - Vec::loadu(mean.data() + c);
-        (Vec::loadu(dev.data() + c) + d).store(dev.data() + c);
-        at::vec::fmadd(d, d, Vec::loadu(m2.data() + c)).store(m2.data() + c);
+      for (int64_t c = 0; c < vector_width; c += IO::kStep) {
+        const auto [x0, x1] = IO::load2(row + c);
+        const auto [mu0, mu1] = IO::load_acc2(mean.data() + c);
+        const auto [e0, e1] = IO::load_acc2(dev.data() + c);
+        const auto [q0, q1] = IO::load_acc2(m2.data() + c);
+        const Vec d0 = x0 - mu0, d1 = x1 - mu1;
+        (e0 + d0).store(dev.data() + c);
+        (e1 + d1).store(dev.data() + c + IO::kWidth);
+        at::vec::fmadd(d0, d0, q0).store(m2.data() + c);
+        at::vec::fmadd(d1, d1, q1).store(m2.data() + c + IO::kWidth);
       }
-      for (; c < width; ++c) {
+      for (int64_t c = vector_width; c < width; ++c) {
         const acc_t d = acc_t(row[c]) - mean[c];
         dev[c] += d;
         m2[c] += d * d;
       }
     }
+    // Chan's merge of (total_count, total) with (nr, chunk), the weight shared by all channels.
+    const double share = double(nr) / (total_count + double(nr));
+    const double cross = total_count * share;
     for (int64_t c = 0; c < width; ++c) {
       const double dev_mean = double(dev[c]) / double(nr);
-      out[c0 + c] = welford_merge(
-          out[c0 + c], WelfordStats<double>{double(mean[c]) + dev_mean,
-                                            double(m2[c]) - double(dev[c]) * dev_mean, double(nr)});
+      const double chunk_mean = double(mean[c]) + dev_mean;
+      const double chunk_m2 = double(m2[c]) - double(dev[c]) * dev_mean;
+      const double delta = chunk_mean - total_mean[c];
+      total_mean[c] += delta * share;
+      total_m2[c] += chunk_m2 + delta * delta * cross;
     }
+    total_count += double(nr);
   }
+  for (int64_t c = 0; c < width; ++c) out[c0 + c] = {total_mean[c], total_m2[c], total_count};
 }
 
 // sum(dy) and sum(dy * (x - mean)) of rows [r0, r1) x channels [c0, c1), written to out[c0, c1).
@@ -430,8 +501,8 @@ void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
                     int64_t c1, GradSums* out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
   const int64_t width = c1 - c0;
+  const int64_t vector_width = width - width % IO::kStep;
   const int64_t chunk_rows = std::clamp<int64_t>(kRowChunk / width, 1, kMaxChunkRows);
   const acc_t* m = mean + c0;
   std::vector<acc_t> sum(width), dot(width);
@@ -443,14 +514,18 @@ void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
     for (int64_t i = r; i < r + nr; ++i) {
       const scalar_t* g_row = dy + i * g.c + c0;
       const scalar_t* x_row = x + i * g.c + c0;
-      int64_t c = 0;
-      for (; c + IO::kWidth <= width; c += IO::kWidth) {
-        const Vec gv = IO::load(g_row + c);
-        (Vec::loadu(sum.data() + c) + gv).store(sum.data() + c);
-        at::vec::fmadd(gv, IO::load(x_row + c) - Vec::loadu(m + c), Vec::loadu(dot.data() + c))
-            .store(dot.data() + c);
+      for (int64_t c = 0; c < vector_width; c += IO::kStep) {
+        const auto [g0, g1] = IO::load2(g_row + c);
+        const auto [x0, x1] = IO::load2(x_row + c);
+        const auto [mu0, mu1] = IO::load_acc2(m + c);
+        const auto [s0, s1] = IO::load_acc2(sum.data() + c);
+        const auto [t0, t1] = IO::load_acc2(dot.data() + c);
+        (s0 + g0).store(sum.data() + c);
+        (s1 + g1).store(sum.data() + c + IO::kWidth);
+        at::vec::fmadd(g0, x0 - mu0, t0).store(dot.data() + c);
+        at::vec::fmadd(g1, x1 - mu1, t1).store(dot.data() + c + IO::kWidth);
       }
-      for (; c < width; ++c) {
+      for (int64_t c = vector_width; c < width; ++c) {
         const acc_t gv = acc_t(g_row[c]);
         sum[c] += gv;
         dot[c] += gv * (acc_t(x_row[c]) - m[c]);
@@ -492,7 +567,13 @@ void forward_typed(const ForwardArgs& a) {
   const Coeffs<acc_t> k{alpha.data(), beta.data()};
 
   if (!a.training) {
-    for (int64_t c = 0; c < g.c; ++c) fold_forward_coeffs(a, c, alpha.data(), beta.data());
+    const auto* rm = static_cast<const acc_t*>(a.running_mean);
+    const auto* rv = static_cast<const acc_t*>(a.running_var);
+    for (int64_t c = 0; c < g.c; ++c) {
+      static_cast<acc_t*>(a.mean)[c] = rm[c];
+      static_cast<acc_t*>(a.invstd)[c] = acc_t(1) / std::sqrt(rv[c] + acc_t(a.eps));
+      fold_forward_coeffs(a, c, alpha.data(), beta.data());
+    }
   } else if (g.layout == Layout::kChannelsLast) {
     const RowTiles t = row_tiles(g);
     std::vector<WelfordStats<double>> partial(t.ranges * g.c);
@@ -540,13 +621,83 @@ void forward_typed(const ForwardArgs& a) {
   elementwise(g, y, x, static_cast<const scalar_t*>(nullptr), k);
 }
 
+// Per-channel sums of the backward: sum(dy) and sum(dy * (x - mean)).
+struct ChannelSums {
+  std::vector<double> dy, dot;
+
+  explicit ChannelSums(int64_t c) : dy(c, 0.0), dot(c, 0.0) {}
+  void set(int64_t c, const GradSums& s) {
+    dy[c] = s.dy;
+    dot[c] = s.dot;
+  }
+};
+
 template <typename acc_t>
-BackwardCoeffs<acc_t> fold_backward_coeffs(const BackwardArgs& a, int64_t c) {
+BackwardCoeffs<acc_t> fold_backward_coeffs(const BackwardArgs& a, const ChannelSums& sums,
+                                           int64_t c) {
   const acc_t* w = static_cast<const acc_t*>(a.weight);
   return fold_backward(static_cast<const acc_t*>(a.mean)[c],
                        static_cast<const acc_t*>(a.invstd)[c], w ? w[c] : acc_t(1),
-                       acc_t(a.sum_dy ? a.sum_dy[c] : 0.0), acc_t(a.sum_dot ? a.sum_dot[c] : 0.0),
-                       acc_t(a.g.count()), a.training);
+                       acc_t(sums.dy[c]), acc_t(sums.dot[c]), acc_t(a.g.count()), a.training);
+}
+
+// The reductions of the backward into sums; when `fused`, also grad_input of each channel
+// right after its sums (contiguous layout, whole channels per task). Returns whether grad_input
+// was written.
+template <typename scalar_t>
+bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const auto* x = static_cast<const scalar_t*>(a.x);
+  const auto* dy = static_cast<const scalar_t*>(a.dy);
+  auto* dx = static_cast<scalar_t*>(a.dx);
+  const auto* mean = static_cast<const acc_t*>(a.mean);
+
+  if (g.layout == Layout::kChannelsLast) {
+    const RowTiles t = row_tiles(g);
+    std::vector<GradSums> partial(t.ranges * g.c);
+    for_each_tile(g, t, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t range) {
+      tile_grad_sums(dy, x, g, mean, r0, r1, c0, c1, partial.data() + range * g.c);
+    });
+    for (int64_t c = 0; c < g.c; ++c) {
+      GradSums s;
+      for (int64_t range = 0; range < t.ranges; ++range) s.add(partial[range * g.c + c]);
+      sums.set(c, s);
+    }
+    return false;
+  }
+  if (whole_channel_tasks(g)) {
+    // Sums, then grad_input of the same channel while x and dy are cached.
+    at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        GradSums s;
+        for (int64_t n = 0; n < g.n; ++n) {
+          const int64_t p = (n * g.c + c) * g.hw;
+          s.add(run_grad_sums(dy + p, x + p, g.hw, mean[c]));
+        }
+        sums.set(c, s);
+        if (!dx) continue;
+        const auto k = fold_backward_coeffs<acc_t>(a, sums, c);
+        for (int64_t n = 0; n < g.n; ++n) {
+          const int64_t p = (n * g.c + c) * g.hw;
+          affine_run(dx + p, dy + p, a.training ? x + p : nullptr, k.k_dy, k.k_c, k.mean, k.k_x,
+                     g.hw);
+        }
+      }
+    });
+    return dx != nullptr;
+  }
+  const RunPieces p = run_pieces(g);
+  std::vector<GradSums> partial(p.tasks);
+  for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len) {
+    partial[task] = run_grad_sums(dy + off, x + off, len, mean[(off / g.hw) % g.c]);
+  });
+  for (int64_t c = 0; c < g.c; ++c) {
+    GradSums s;
+    for_channel_pieces(g, p, partial, c, [&](const GradSums& part) { s.add(part); });
+    sums.set(c, s);
+  }
+  return false;
 }
 
 template <typename scalar_t>
@@ -556,69 +707,32 @@ void backward_typed(const BackwardArgs& a) {
   const auto* x = static_cast<const scalar_t*>(a.x);
   const auto* dy = static_cast<const scalar_t*>(a.dy);
   auto* dx = static_cast<scalar_t*>(a.dx);
-  const auto* mean = static_cast<const acc_t*>(a.mean);
+  // The sums feed grad_weight/grad_bias and, in training, grad_input.
+  const bool need_sums = a.grad_weight || a.grad_bias || (a.training && dx);
+  ChannelSums sums(g.c);
+  const bool dx_done = need_sums && backward_sums<scalar_t>(a, sums);
 
-  if (a.need_sums) {
-    if (g.layout == Layout::kChannelsLast) {
-      const RowTiles t = row_tiles(g);
-      std::vector<GradSums> partial(t.ranges * g.c);
-      for_each_tile(g, t, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t range) {
-        tile_grad_sums(dy, x, g, mean, r0, r1, c0, c1, partial.data() + range * g.c);
-      });
-      for (int64_t c = 0; c < g.c; ++c) {
-        GradSums s;
-        for (int64_t range = 0; range < t.ranges; ++range) s.add(partial[range * g.c + c]);
-        a.sum_dy[c] = s.dy;
-        a.sum_dot[c] = s.dot;
-      }
-    } else if (whole_channel_tasks(g)) {
-      // Sums, then grad_input of the same channel while x and dy are cached.
-      at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          GradSums s;
-          for (int64_t n = 0; n < g.n; ++n) {
-            const int64_t p = (n * g.c + c) * g.hw;
-            s.add(run_grad_sums(dy + p, x + p, g.hw, mean[c]));
-          }
-          a.sum_dy[c] = s.dy;
-          a.sum_dot[c] = s.dot;
-          if (!dx) continue;
-          const auto k = fold_backward_coeffs<acc_t>(a, c);
-          for (int64_t n = 0; n < g.n; ++n) {
-            const int64_t p = (n * g.c + c) * g.hw;
-            affine_run(dx + p, dy + p, a.training ? x + p : nullptr, k.k_dy, k.k_c, k.mean,
-                       k.k_x, g.hw);
-          }
-        }
-      });
-      return;
+  if (dx && !dx_done) {
+    std::vector<acc_t> k_dy(g.c), k_x(g.c), k_c(g.c);
+    for (int64_t c = 0; c < g.c; ++c) {
+      const auto k = fold_backward_coeffs<acc_t>(a, sums, c);
+      k_dy[c] = k.k_dy;
+      k_x[c] = k.k_x;
+      k_c[c] = k.k_c;
+    }
+    if (a.training) {
+      elementwise(g, dx, dy, x,
+                  Coeffs<acc_t>{k_dy.data(), k_c.data(), static_cast<const acc_t*>(a.mean),
+                                k_x.data()});
     } else {
-      const RunPieces p = run_pieces(g);
-      std::vector<GradSums> partial(p.tasks);
-      for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len) {
-        partial[task] = run_grad_sums(dy + off, x + off, len, mean[(off / g.hw) % g.c]);
-      });
-      for (int64_t c = 0; c < g.c; ++c) {
-        GradSums s;
-        for_channel_pieces(g, p, partial, c, [&](const GradSums& part) { s.add(part); });
-        a.sum_dy[c] = s.dy;
-        a.sum_dot[c] = s.dot;
-      }
+      elementwise(g, dx, dy, static_cast<const scalar_t*>(nullptr),
+                  Coeffs<acc_t>{k_dy.data(), k_c.data()});
     }
   }
-  if (!dx) return;
-  std::vector<acc_t> k_dy(g.c), k_x(g.c), k_c(g.c);
+  const auto* invstd = static_cast<const acc_t*>(a.invstd);
   for (int64_t c = 0; c < g.c; ++c) {
-    const auto k = fold_backward_coeffs<acc_t>(a, c);
-    k_dy[c] = k.k_dy;
-    k_x[c] = k.k_x;
-    k_c[c] = k.k_c;
-  }
-  if (a.training) {
-    elementwise(g, dx, dy, x, Coeffs<acc_t>{k_dy.data(), k_c.data(), mean, k_x.data()});
-  } else {
-    elementwise(g, dx, dy, static_cast<const scalar_t*>(nullptr),
-                Coeffs<acc_t>{k_dy.data(), k_c.data()});
+    if (a.grad_weight) static_cast<acc_t*>(a.grad_weight)[c] = acc_t(sums.dot[c] * invstd[c]);
+    if (a.grad_bias) static_cast<acc_t*>(a.grad_bias)[c] = acc_t(sums.dy[c]);
   }
 }
 

@@ -20,8 +20,11 @@ struct ForwardArgs {
   void* y;
   const void* weight;  // nullptr: 1
   const void* bias;    // nullptr: 0
-  // Training: written with the batch mean and 1/sqrt(var + eps), and var (double) with the
-  // biased batch variance. Evaluation: read (the running statistics, folded by the caller).
+  const void* running_mean;  // evaluation only: the statistics that normalize
+  const void* running_var;
+  // Written with the statistics used: in training the batch mean and 1/sqrt(var + eps), with
+  // var (double) the biased batch variance; in evaluation the running mean and
+  // 1/sqrt(running_var + eps).
   void* mean;
   void* invstd;
   double* var;
@@ -38,9 +41,8 @@ struct BackwardArgs {
   const void* weight;  // nullptr: 1
   const void* mean;
   const void* invstd;
-  double* sum_dy;   // [C] sum(dy), written when need_sums
-  double* sum_dot;  // [C] sum(dy * (x - mean)), written when need_sums
-  bool need_sums;
+  void* grad_weight;  // nullptr when not requested: sum(dy * (x - mean)) * invstd
+  void* grad_bias;    // nullptr when not requested: sum(dy)
   bool training;
 };
 

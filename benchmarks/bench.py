@@ -1,0 +1,326 @@
+"""``make bench``: custom_bn's CPU BatchNorm against ATen eager, torch.compile and a copy.
+
+For every case (shape, layout, dtype) and mode (train forward, train forward+backward, eval
+forward) it times, in one process and interleaved:
+
+* ``custom_bn``: the custom_bn module (``custom_bn.BatchNorm1d/2d/3d``);
+* ``aten``: the torch.nn module, i.e. ATen's eager kernels (``F.batch_norm``);
+* ``compile``: ``torch.compile`` (inductor) of the same torch.nn module;
+* ``copy``: a same-size copy into a fresh tensor, the memory floor of a forward pass.
+
+Train forward runs with gradients enabled and a leaf input that requires them, as in training;
+forward+backward adds ``torch.autograd.grad`` for the input, weight and bias (nothing
+accumulates into ``.grad``). Each thread count runs in its own child process (torch.compile bakes
+the thread count into its kernels). Every timing is the median of interleaved rounds after
+warm-up; the machine is noisy, so compare the ratios printed, not absolute times across runs.
+
+Prints a table, and writes JSON and a PNG chart to benchmarks/results/ (git-ignored).
+
+    python benchmarks/bench.py [--threads 1 2] [--quick] [--cases NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+CONTENDERS = ("custom_bn", "aten", "compile", "copy")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple
+    channels_last: bool = False
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+CASES = [
+    Case("NCHW 32x64x56x56", (32, 64, 56, 56)),
+    Case("NHWC 32x64x56x56", (32, 64, 56, 56), channels_last=True),
+    Case("NCHW 32x256x14x14", (32, 256, 14, 14)),
+    Case("NCHW 8x3x224x224", (8, 3, 224, 224)),
+    Case("NC 256x1024", (256, 1024)),
+    Case("NC 8x16", (8, 16)),
+    Case("NCDHW 4x32x16x32x32", (4, 32, 16, 32, 32)),
+    Case("NCHW bf16 32x64x56x56", (32, 64, 56, 56), dtype="bfloat16"),
+    Case("NHWC bf16 32x64x56x56", (32, 64, 56, 56), channels_last=True, dtype="bfloat16"),
+    Case("NCHW fp16 32x64x56x56", (32, 64, 56, 56), dtype="float16"),
+    Case("NHWC fp16 32x64x56x56", (32, 64, 56, 56), channels_last=True, dtype="float16"),
+]
+# Per-call overhead: a tiny input, forward+backward, through the module and through torch.ops.
+OVERHEAD_SHAPE = (8, 16, 4, 4)
+
+
+def median_times(fns: Dict[str, Callable[[], object]], rounds: int, min_sample_s: float) -> Dict[str, float]:
+    """Median seconds per call of each function: warm-up, then `rounds` rounds in which every
+    function is timed once in a shuffled order, each sample repeating the call enough times to
+    last about min_sample_s."""
+    repeats = {}
+    for name, fn in fns.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        fn()
+        once = max((time.perf_counter() - start) / 2, 1e-7)
+        repeats[name] = max(1, int(min_sample_s / once))
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            fn, n = fns[name], repeats[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _modules(case: Case):
+    import custom_bn
+
+    dims = len(case.shape) - 2
+    nn_cls = {0: torch.nn.BatchNorm1d, 1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d,
+              3: torch.nn.BatchNorm3d}[dims]
+    ours_cls = {0: custom_bn.BatchNorm1d, 1: custom_bn.BatchNorm1d, 2: custom_bn.BatchNorm2d,
+                3: custom_bn.BatchNorm3d}[dims]
+    channels = case.shape[1]
+    # Parameters and buffers stay float32 for float16/bfloat16 input, as under autocast.
+    reference = nn_cls(channels)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.normal_()
+    ours = ours_cls(channels)
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference, copy.deepcopy(reference)
+
+
+def _input(case: Case) -> torch.Tensor:
+    x = torch.randn(case.shape) * 2 + 0.5
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x.to(case.torch_dtype)
+
+
+def case_functions(case: Case, mode: str, modules) -> Dict[str, Callable[[], object]]:
+    """The four timed functions of one case and mode; modules = (custom_bn, torch.nn, compiled)."""
+    ours, aten, compiled = modules
+    x = _input(case)
+    training = mode != "eval_fwd"
+    for m in (ours, aten, compiled):
+        m.train(training)
+
+    def copy_fn():
+        return torch.empty_like(x).copy_(x)
+
+    if mode == "eval_fwd":
+        def forward(m):
+            def run():
+                with torch.no_grad():
+                    return m(x)
+            return run
+        fns = {"custom_bn": forward(ours), "aten": forward(aten), "compile": forward(compiled)}
+    else:
+        leaf = x.detach().requires_grad_()
+        dy = torch.randn_like(x)
+
+        def step(m):
+            params = (leaf, m.weight, m.bias)
+
+            def run():
+                y = m(leaf)
+                if mode == "train_fwd_bwd":
+                    return torch.autograd.grad(y, params, dy)
+                return y
+            return run
+        fns = {"custom_bn": step(ours), "aten": step(aten), "compile": step(compiled)}
+    fns["copy"] = copy_fn
+    # The outputs must agree before their times mean anything (from the same running stats:
+    # earlier modes updated each module's own a different number of times).
+    ours.load_state_dict(aten.state_dict())
+    with torch.no_grad():
+        expected, got = aten(x), ours(x)
+    tol = 1e-4 if case.dtype == "float32" else 5e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    return fns
+
+
+def compulsory_bytes(case: Case, mode: str) -> int:
+    """Bytes an op must move at least: forward reads x and writes y; backward reads x and dy
+    and writes dx."""
+    size = torch.Size(case.shape).numel() * torch.empty((), dtype=case.torch_dtype).element_size()
+    return {"train_fwd": 2 * size, "eval_fwd": 2 * size, "train_fwd_bwd": 5 * size}[mode]
+
+
+def overhead_functions() -> Dict[str, Callable[[], object]]:
+    """(8,16,4,4) forward+backward: custom_bn vs torch.nn through the module, and the custom_bn
+    operator vs ATen's through torch.ops."""
+    case = Case("overhead", OVERHEAD_SHAPE)
+    ours, aten, _ = _modules(case)
+    x = _input(case).requires_grad_()
+    dy = torch.randn_like(x)
+
+    def module(m):
+        params = (x, m.weight, m.bias)
+        return lambda: torch.autograd.grad(m(x), params, dy)
+
+    w, b = aten.weight, aten.bias
+    rm, rv = aten.running_mean.clone(), aten.running_var.clone()
+
+    def ops_custom_bn():
+        y = torch.ops.custom_bn.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)[0]
+        return torch.autograd.grad(y, (x, w, b), dy)
+
+    def ops_aten():
+        y = torch.ops.aten.batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5, False)
+        return torch.autograd.grad(y, (x, w, b), dy)
+
+    return {"module custom_bn": module(ours), "module torch.nn": module(aten),
+            "torch.ops custom_bn": ops_custom_bn, "torch.ops aten": ops_aten}
+
+
+def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float) -> dict:
+    """Measures every case with `threads` threads; returns a JSON-able dict."""
+    import custom_bn
+
+    torch.set_num_threads(threads)
+    # One compiled module per case (train and eval graphs): more than dynamo's default number
+    # of recompilations of nn.BatchNorm's forward, after which it would silently run eagerly.
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    rows = []
+    for case in cases:
+        ours, aten, to_compile = _modules(case)
+        modules = (ours, aten, torch.compile(to_compile, dynamic=False))
+        for mode in MODES:
+            fns = case_functions(case, mode, modules)
+            times = median_times(fns, rounds, min_sample_s)
+            rows.append({"case": asdict(case), "name": case.name, "mode": mode, "threads": threads,
+                         "seconds": times, "bytes": compulsory_bytes(case, mode)})
+            print(f"  [{threads} thread(s)] {case.name:<24} {mode:<14} done", file=sys.stderr, flush=True)
+    overhead = median_times(overhead_functions(), rounds, min_sample_s)
+    return {"threads": threads, "rows": rows, "overhead": overhead,
+            "build_info": custom_bn.build_info()}
+
+
+def format_table(results: List[dict]) -> str:
+    head = (f"{'case':<24} {'mode':<14} {'thr':>3} {'custom_bn':>10} {'aten':>10} {'compile':>10} "
+            f"{'copy':>10} {'vs aten':>8} {'vs comp':>8} {'x copy':>7} {'GB/s':>6}")
+    lines = [head, "-" * len(head)]
+    for res in results:
+        for row in res["rows"]:
+            t = row["seconds"]
+            ours = t["custom_bn"]
+            lines.append(
+                f"{row['name']:<24} {row['mode']:<14} {row['threads']:>3} "
+                + " ".join(f"{t[c] * 1e3:>8.3f}ms" for c in CONTENDERS)
+                + f" {t['aten'] / ours:>7.2f}x {t['compile'] / ours:>7.2f}x {ours / t['copy']:>7.2f}"
+                f" {row['bytes'] / ours / 1e9:>6.1f}"
+            )
+    lines.append("")
+    lines.append("per-call overhead, (8,16,4,4) forward+backward (microseconds; ratio custom_bn / torch):")
+    for res in results:
+        o = res["overhead"]
+        lines.append(
+            f"  {res['threads']} thread(s): module {o['module custom_bn'] * 1e6:.1f} vs "
+            f"{o['module torch.nn'] * 1e6:.1f} ({o['module custom_bn'] / o['module torch.nn']:.2f}x); "
+            f"torch.ops {o['torch.ops custom_bn'] * 1e6:.1f} vs {o['torch.ops aten'] * 1e6:.1f} "
+            f"({o['torch.ops custom_bn'] / o['torch.ops aten']:.2f}x)"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: List[dict], path: str) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(len(results), 1, figsize=(14, 5 * len(results)), squeeze=False)
+    for ax, res in zip(axes[:, 0], results):
+        rows = res["rows"]
+        labels = [f"{r['name']}\n{r['mode']}" for r in rows]
+        xs = range(len(rows))
+        width = 0.28
+        for k, (other, color) in enumerate((("aten", "tab:blue"), ("compile", "tab:orange"))):
+            ax.bar([x + (k - 0.5) * width for x in xs],
+                   [r["seconds"][other] / r["seconds"]["custom_bn"] for r in rows], width,
+                   label=f"speed-up vs {other}", color=color)
+        ax.plot(list(xs), [r["seconds"]["custom_bn"] / r["seconds"]["copy"] for r in rows], "k.",
+                label="custom_bn time / copy time")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_title(f"custom_bn on the CPU, {res['threads']} thread(s): higher bars are better")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--cases", nargs="+", help="substrings of case names to run")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cases = [c for c in CASES if not args.cases or any(s in c.name for s in args.cases)]
+    rounds, min_sample_s = (3, 0.002) if args.quick else (9, 0.01)
+
+    if args.child is not None:
+        print(json.dumps(run_child(args.child, cases, rounds, min_sample_s)))
+        return
+
+    results = []
+    for threads in args.threads:
+        cmd = [sys.executable, __file__, "--child", str(threads)]
+        if args.cases:
+            cmd += ["--cases", *args.cases]
+        if args.quick:
+            cmd.append("--quick")
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    table = format_table(results)
+    info = results[0]["build_info"]
+    header = (f"custom_bn {info['version']}, torch {info['torch']}, CPU path {info['cpu_capability']}, "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(header)
+    print(table)
+    os.makedirs(RESULTS, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = os.path.join(RESULTS, f"bench-{stamp}.json")
+    with open(json_path, "w") as f:
+        json.dump({"header": header, "results": results}, f, indent=1)
+    png_path = plot(results, os.path.join(RESULTS, f"bench-{stamp}.png"))
+    print(f"\nJSON: {json_path}")
+    if png_path:
+        print(f"PNG:  {png_path}")
+
+
+if __name__ == "__main__":
+    main()
