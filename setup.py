@@ -33,22 +33,30 @@ def _cpu_capabilities() -> list:
     levels = []
     with open(os.path.join(ROOT, "kernels", "cpu", "cpu_capabilities.txt")) as f:
         for line in f:
-            if line.strip() and not line.startswith("#"):
+            if line.strip() and not line.lstrip().startswith("#"):
                 name, *flags = line.split()
                 levels.append((name, flags))
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return levels if x86 else levels[:1]
 
 
-def _torch_openmp_library() -> str:
-    """The OpenMP runtime libtorch itself loads (torch/lib/libgomp*.so*): linking that one, not
-    the compiler's, keeps a single OpenMP thread pool in the process."""
+def _torch_openmp_library() -> list:
+    """Link arguments for the OpenMP runtime libtorch itself uses, so that one OpenMP thread
+    pool serves torch and custom_bn: torch's own libgomp (pip wheels ship it in torch/lib), else
+    the one that importing torch loaded, else the compiler's (-fopenmp)."""
     import torch
 
     found = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
     if not found:
-        raise RuntimeError("custom_bn: torch/lib has no libgomp; custom_bn needs an OpenMP build of torch")
-    return found[0]
+        try:
+            with open("/proc/self/maps") as maps:
+                found = sorted({line.split()[-1] for line in maps if "/libgomp" in line})
+        except OSError:
+            pass
+    if found:
+        return [found[0]]
+    print("custom_bn: libtorch's OpenMP runtime not found; linking the compiler's (-fopenmp)")
+    return ["-fopenmp"]
 
 
 class BuildExtension(cpp_extension.BuildExtension):
@@ -103,10 +111,10 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
         define_macros=[("CUSTOM_BN_WITH_CUDA", "1" if with_cuda else "0"),
                        ("CUSTOM_BN_CPU_X86", "1" if x86 else "0")],
-        extra_link_args=[_torch_openmp_library()],
+        extra_link_args=_torch_openmp_library(),
         # Every file of the library: setuptools relinks only when one of these is newer than the
         # extension (ninja then recompiles just what changed).
-        depends=[os.path.relpath(f, ROOT) for d in ("csrc", "kernels")
+        depends=["setup.py"] + [os.path.relpath(f, ROOT) for d in ("csrc", "kernels")
                  for f in glob.glob(os.path.join(ROOT, d, "**", "*"), recursive=True) if os.path.isfile(f)],
     )
     if with_cuda:

@@ -22,7 +22,10 @@ function(custom_bn_add_cpu_capabilities target)
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fopenmp>)
   target_link_libraries(${target} PRIVATE "${_openmp}")
 
-  file(STRINGS "${PROJECT_SOURCE_DIR}/kernels/cpu/cpu_capabilities.txt" _levels REGEX "^[A-Z]")
+  set(_txt "${PROJECT_SOURCE_DIR}/kernels/cpu/cpu_capabilities.txt")
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${_txt}")
+  # Lines that are neither comments nor blank, in order (setup.py parses the file the same way).
+  file(STRINGS "${_txt}" _levels REGEX "^[^#]*[A-Za-z0-9]")
   if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
     set(_x86 1)
   else()

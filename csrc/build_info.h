@@ -7,9 +7,10 @@
 namespace custom_bn {
 
 // Instruction-set level of the CPU kernels in use: "DEFAULT", "AVX2" or "AVX512". Chosen once,
-// at the first call, as ATen chooses its own kernels: the best level that both this library was
-// compiled for and the running CPU supports, or the one named by the environment variable
-// ATEN_CPU_CAPABILITY (default, avx2, avx512) if that is lower.
+// at the first call, as ATen's own kernels are: the level at::get_cpu_capability() reports
+// (the best the running CPU supports, or the one the environment variable ATEN_CPU_CAPABILITY =
+// default|avx2|avx512 names; like ATen, custom_bn trusts that override), falling back to
+// DEFAULT when this library was not compiled for it.
 std::string cpu_capability();
 
 // Every level the CPU kernels were compiled for.

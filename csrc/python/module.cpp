@@ -11,10 +11,15 @@ namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
   PyObject* compiled = PyList_New(0);
+  if (compiled == nullptr) return nullptr;
   for (const std::string& name : custom_bn::cpu_capabilities_compiled()) {
     PyObject* item = PyUnicode_FromString(name.c_str());
-    PyList_Append(compiled, item);
-    Py_DECREF(item);
+    const bool appended = item != nullptr && PyList_Append(compiled, item) == 0;
+    Py_XDECREF(item);
+    if (!appended) {
+      Py_DECREF(compiled);
+      return nullptr;
+    }
   }
   return Py_BuildValue("{s:s,s:N,s:O,s:O}", "cpu_capability",
                        custom_bn::cpu_capability().c_str(), "cpu_capabilities_compiled", compiled,

@@ -117,6 +117,33 @@ struct VecIO {
     return {Vec::loadu(p, std::min(count, kWidth)),
             count > kWidth ? Vec::loadu(p + kWidth, count - kWidth) : Vec(acc_t(0))};
   }
+  static void store_acc2(acc_t* p, const Pair& v, int64_t count = kStep) {
+    v.first.store(p, std::min(count, kWidth));
+    if (count > kWidth) v.second.store(p + kWidth, count - kWidth);
+  }
+
+  // The same for a step of `count` values, count being std::true_type for a whole step (no
+  // masking) or an int64_t below kStep.
+  template <typename Count>
+  static Pair load(const scalar_t* p, Count count) {
+    if constexpr (std::is_same_v<Count, std::true_type>) return load2(p);
+    else return load2(p, count);
+  }
+  template <typename Count>
+  static Pair load_acc(const acc_t* p, Count count) {
+    if constexpr (std::is_same_v<Count, std::true_type>) return load_acc2(p);
+    else return load_acc2(p, count);
+  }
+  template <typename Count>
+  static void store(scalar_t* p, const Pair& v, Count count) {
+    if constexpr (std::is_same_v<Count, std::true_type>) store2(p, v.first, v.second);
+    else store2(p, v.first, v.second, count);
+  }
+  template <typename Count>
+  static void store_acc(acc_t* p, const Pair& v, Count count) {
+    if constexpr (std::is_same_v<Count, std::true_type>) store_acc2(p, v);
+    else store_acc2(p, v, count);
+  }
 };
 
 template <typename acc_t>
@@ -229,25 +256,8 @@ struct Coeffs {
   const acc_t* kb = nullptr;
 };
 
-// out[i] = a[i] * ka + (b[i] - shift) * kb + kc for i < n (the b term only when b is given):
-// f(load(a), load(b)) on each step, full or (last) partial.
-template <typename scalar_t, typename F>
-void map_steps(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n, const F& f) {
-  using IO = VecIO<scalar_t>;
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    const auto [lo, hi] = f(i, IO::load2(a + i), b ? IO::load2(b + i) : typename IO::Pair{});
-    IO::store2(out + i, lo, hi);
-  }
-  if (i < n) {
-    const int64_t rest = n - i;
-    const auto [lo, hi] =
-        f(i, IO::load2(a + i, rest), b ? IO::load2(b + i, rest) : typename IO::Pair{});
-    IO::store2(out + i, lo, hi, rest);
-  }
-}
-
-// n values of one channel (contiguous layout): scalar coefficients.
+// out[i] = a[i] * ka + (b[i] - shift) * kb + kc for i < n: one channel's values (contiguous
+// layout), the b term only when b is given.
 template <typename scalar_t, typename acc_t>
 void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, acc_t kc,
                 acc_t shift, acc_t kb, int64_t n) {
@@ -255,47 +265,68 @@ void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, a
   using Vec = typename IO::Vec;
   using Pair = typename IO::Pair;
   const Vec vka(ka), vkb(kb), vkc(kc), vshift(shift);
-  if (b == nullptr) {
-    map_steps(out, a, b, n, [&](int64_t, const Pair& x, const Pair&) {
-      return Pair{at::vec::fmadd(x.first, vka, vkc), at::vec::fmadd(x.second, vka, vkc)};
-    });
-  } else {
-    map_steps(out, a, b, n, [&](int64_t, const Pair& x, const Pair& y) {
-      return Pair{at::vec::fmadd(x.first, vka, at::vec::fmadd(y.first - vshift, vkb, vkc)),
-                  at::vec::fmadd(x.second, vka, at::vec::fmadd(y.second - vshift, vkb, vkc))};
-    });
+  const auto step = [&](int64_t i, auto count) {
+    const Pair x = IO::load(a + i, count);
+    Vec t0 = vkc, t1 = vkc;
+    if (b) {
+      const Pair y = IO::load(b + i, count);
+      t0 = at::vec::fmadd(y.first - vshift, vkb, vkc);
+      t1 = at::vec::fmadd(y.second - vshift, vkb, vkc);
+    }
+    IO::store(out + i, Pair{at::vec::fmadd(x.first, vka, t0), at::vec::fmadd(x.second, vka, t1)},
+              count);
+  };
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) step(i, std::true_type{});
+  if (i < n) step(i, n - i);
+}
+
+// Channels-last loops walk rows in blocks of kBlockRows and, within a block, one channel step
+// (kStep channels, or the last few) at a time: the step's coefficients or accumulators stay in
+// registers while the block's rows go by, and a block of rows (a few KiB) stays in L1 until
+// its last step.
+constexpr int64_t kBlockRows = 16;
+
+// Calls f(row_begin, row_end, c, count) for each block of rows in [r0, r1) and each channel step
+// in [c0, c1); count is std::true_type for a whole step, else the number of channels left.
+template <typename scalar_t, typename F>
+void for_each_block_step(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const F& f) {
+  constexpr int64_t kStep = VecIO<scalar_t>::kStep;
+  for (int64_t rb = r0; rb < r1; rb += kBlockRows) {
+    const int64_t re = std::min(r1, rb + kBlockRows);
+    int64_t c = c0;
+    for (; c + kStep <= c1; c += kStep) f(rb, re, c, std::true_type{});
+    if (c < c1) f(rb, re, c, c1 - c);
   }
 }
 
-// n consecutive channels c0 ... c0 + n - 1 of one row (channels-last layout): coefficient
-// arrays.
+// out = a * ka[c] + (b - shift[c]) * kb[c] + kc[c] over rows [r0, r1) x channels [c0, c1) of a
+// channels-last tensor (b term only when b is given), row after row: a streaming pass reads
+// and writes memory in order, and the coefficients come from L1.
 template <typename scalar_t, typename acc_t>
-void affine_row(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coeffs<acc_t>& k,
-                int64_t c0, int64_t n) {
+void affine_tile(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coeffs<acc_t>& k,
+                 int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
   using Pair = typename IO::Pair;
-  const auto coeff = [n](const acc_t* p, int64_t i) {
-    return i + IO::kStep <= n ? IO::load_acc2(p + i) : IO::load_acc2(p + i, n - i);
+  const auto step = [&](int64_t p, int64_t c, auto count) {
+    const Pair x = IO::load(a + p, count);
+    const Pair ka = IO::load_acc(k.ka + c, count), kc = IO::load_acc(k.kc + c, count);
+    Vec t0 = kc.first, t1 = kc.second;
+    if (b) {
+      const Pair y = IO::load(b + p, count);
+      const Pair shift = IO::load_acc(k.shift + c, count), kb = IO::load_acc(k.kb + c, count);
+      t0 = at::vec::fmadd(y.first - shift.first, kb.first, t0);
+      t1 = at::vec::fmadd(y.second - shift.second, kb.second, t1);
+    }
+    IO::store(out + p,
+              Pair{at::vec::fmadd(x.first, ka.first, t0), at::vec::fmadd(x.second, ka.second, t1)},
+              count);
   };
-  const acc_t* ka = k.ka + c0;
-  const acc_t* kc = k.kc + c0;
-  if (b == nullptr) {
-    map_steps(out, a, b, n, [&](int64_t i, const Pair& x, const Pair&) {
-      const auto [a0, a1] = coeff(ka, i);
-      const auto [c0v, c1v] = coeff(kc, i);
-      return Pair{at::vec::fmadd(x.first, a0, c0v), at::vec::fmadd(x.second, a1, c1v)};
-    });
-  } else {
-    const acc_t* shift = k.shift + c0;
-    const acc_t* kb = k.kb + c0;
-    map_steps(out, a, b, n, [&](int64_t i, const Pair& x, const Pair& y) {
-      const auto [a0, a1] = coeff(ka, i);
-      const auto [c0v, c1v] = coeff(kc, i);
-      const auto [s0, s1] = coeff(shift, i);
-      const auto [b0, b1] = coeff(kb, i);
-      return Pair{at::vec::fmadd(x.first, a0, at::vec::fmadd(y.first - s0, b0, c0v)),
-                  at::vec::fmadd(x.second, a1, at::vec::fmadd(y.second - s1, b1, c1v))};
-    });
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t c = c0;
+    for (; c + IO::kStep <= c1; c += IO::kStep) step(r * C + c, c, std::true_type{});
+    if (c < c1) step(r * C + c, c, c1 - c);
   }
 }
 
@@ -303,12 +334,14 @@ void affine_row(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coeff
 // boundaries of runs of run_length values.
 template <typename F>
 void for_each_run_piece(int64_t begin, int64_t end, int64_t run_length, const F& f) {
+  int64_t run = begin / run_length;  // one division per call: runs may be a single row
+  int64_t offset = begin - run * run_length;
   while (begin < end) {
-    const int64_t run = begin / run_length;
-    const int64_t offset = begin - run * run_length;
     const int64_t length = std::min(run_length - offset, end - begin);
     f(run, offset, length);
     begin += length;
+    ++run;
+    offset = 0;
   }
 }
 
@@ -318,11 +351,18 @@ void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scal
                  const Coeffs<acc_t>& k) {
   const int64_t numel = g.n * g.c * g.hw;
   if (g.layout == Layout::kChannelsLast) {
-    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-      for_each_run_piece(begin, end, g.c, [&](int64_t row, int64_t c0, int64_t len) {
-        const int64_t p = row * g.c + c0;
-        affine_row(out + p, a + p, b ? b + p : nullptr, k, c0, len);
-      });
+    // Tasks: blocks of kBlockRows rows x blocks of at most kMaxBlockChannels channels.
+    const int64_t col_blocks = ceil_div(g.c, kMaxBlockChannels);
+    const int64_t block_channels = ceil_div(g.c, col_blocks);
+    const int64_t row_blocks = ceil_div(g.rows(), kBlockRows);
+    const int64_t grain = std::max<int64_t>(1, kGrain / (kBlockRows * block_channels));
+    at::parallel_for(0, row_blocks * col_blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = (t / col_blocks) * kBlockRows;
+        const int64_t c0 = (t % col_blocks) * block_channels;
+        affine_tile(out, a, b, k, g.c, r0, std::min(g.rows(), r0 + kBlockRows), c0,
+                    std::min(g.c, c0 + block_channels));
+      }
     });
   } else {
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
@@ -425,69 +465,55 @@ void for_each_tile(const Geometry& g, const RowTiles& t, const F& f) {
   });
 }
 
-// Statistics of rows [r0, r1) x channels [c0, c1), written to out[c0, c1). Each chunk of rows
-// gets the corrected two-pass treatment of chunk_stats, per channel, and is merged into
-// running (mean, M2) arrays; every channel of a tile has the same count, so the merge weight
-// is computed once per chunk.
+// Statistics of rows [r0, r1) x channels [c0, c1), written to out[c0, c1), in one pass over
+// the data. Each chunk of rows sums d = x - shift and d^2 per channel in the accumulation type,
+// where the shift is the tile's first row for the first chunk and the tile's mean so far after
+// that; the chunk's (mean, M2) = (shift + sum d / n, sum d^2 - (sum d)^2 / n) is then merged in
+// double with Chan's formula. With the shift near the mean the subtraction does not cancel,
+// whatever the mean's size (a plain E[x^2] - E[x]^2 would). Every channel of a tile has the
+// same count, so the merge weight is computed once per chunk.
 template <typename scalar_t>
 void tile_stats(const scalar_t* x, const Geometry& g, int64_t r0, int64_t r1, int64_t c0,
                 int64_t c1, WelfordStats<double>* out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
+  using Pair = typename IO::Pair;
   const int64_t width = c1 - c0;
-  const int64_t vector_width = width - width % IO::kStep;
   const int64_t chunk_rows = std::clamp<int64_t>(kRowChunk / width, 1, kMaxChunkRows);
-  std::vector<acc_t> mean(width), dev(width), m2(width);
+  // Indexed by channel - c0.
+  std::vector<acc_t> shift(width), sum(width), sum_sq(width);
   std::vector<double> total_mean(width, 0.0), total_m2(width, 0.0);
   double total_count = 0;
+  for (int64_t c = 0; c < width; ++c) shift[c] = acc_t(x[r0 * g.c + c0 + c]);
   for (int64_t r = r0; r < r1; r += chunk_rows) {
     const int64_t nr = std::min(chunk_rows, r1 - r);
-    const scalar_t* base = x + r * g.c + c0;
-    std::fill(mean.begin(), mean.end(), acc_t(0));
-    for (int64_t i = 0; i < nr; ++i) {
-      const scalar_t* row = base + i * g.c;
-      for (int64_t c = 0; c < vector_width; c += IO::kStep) {
-        const auto [x0, x1] = IO::load2(row + c);
-        const auto [s0, s1] = IO::load_acc2(mean.data() + c);
-        (s0 + x0).store(mean.data() + c);
-        (s1 + x1).store(mean.data() + c + IO::kWidth);
+    std::fill(sum.begin(), sum.end(), acc_t(0));
+    std::fill(sum_sq.begin(), sum_sq.end(), acc_t(0));
+    for_each_block_step<scalar_t>(r, r + nr, 0, width, [&](int64_t rb, int64_t re, int64_t c,
+                                                           auto count) {
+      const Pair k = IO::load_acc(shift.data() + c, count);
+      Pair s1 = IO::load_acc(sum.data() + c, count), s2 = IO::load_acc(sum_sq.data() + c, count);
+      for (int64_t i = rb; i < re; ++i) {
+        const Pair v = IO::load(x + i * g.c + c0 + c, count);
+        const Vec d0 = v.first - k.first, d1 = v.second - k.second;
+        s1 = {s1.first + d0, s1.second + d1};
+        s2 = {at::vec::fmadd(d0, d0, s2.first), at::vec::fmadd(d1, d1, s2.second)};
       }
-      for (int64_t c = vector_width; c < width; ++c) mean[c] += acc_t(row[c]);
-    }
-    const acc_t inv_nr = acc_t(1) / acc_t(nr);
-    for (auto& m : mean) m *= inv_nr;
-    std::fill(dev.begin(), dev.end(), acc_t(0));
-    std::fill(m2.begin(), m2.end(), acc_t(0));
-    for (int64_t i = 0; i < nr; ++i) {
-      const scalar_t* row = base + i * g.c;
-      for (int64_t c = 0; c < vector_width; c += IO::kStep) {
-        const auto [x0, x1] = IO::load2(row + c);
-        const auto [mu0, mu1] = IO::load_acc2(mean.data() + c);
-        const auto [e0, e1] = IO::load_acc2(dev.data() + c);
-        const auto [q0, q1] = IO::load_acc2(m2.data() + c);
-        const Vec d0 = x0 - mu0, d1 = x1 - mu1;
-        (e0 + d0).store(dev.data() + c);
-        (e1 + d1).store(dev.data() + c + IO::kWidth);
-        at::vec::fmadd(d0, d0, q0).store(m2.data() + c);
-        at::vec::fmadd(d1, d1, q1).store(m2.data() + c + IO::kWidth);
-      }
-      for (int64_t c = vector_width; c < width; ++c) {
-        const acc_t d = acc_t(row[c]) - mean[c];
-        dev[c] += d;
-        m2[c] += d * d;
-      }
-    }
+      IO::store_acc(sum.data() + c, s1, count);
+      IO::store_acc(sum_sq.data() + c, s2, count);
+    });
     // Chan's merge of (total_count, total) with (nr, chunk), the weight shared by all channels.
     const double share = double(nr) / (total_count + double(nr));
     const double cross = total_count * share;
     for (int64_t c = 0; c < width; ++c) {
-      const double dev_mean = double(dev[c]) / double(nr);
-      const double chunk_mean = double(mean[c]) + dev_mean;
-      const double chunk_m2 = double(m2[c]) - double(dev[c]) * dev_mean;
+      const double d_mean = double(sum[c]) / double(nr);
+      const double chunk_mean = double(shift[c]) + d_mean;
+      const double chunk_m2 = double(sum_sq[c]) - double(sum[c]) * d_mean;
       const double delta = chunk_mean - total_mean[c];
       total_mean[c] += delta * share;
       total_m2[c] += chunk_m2 + delta * delta * cross;
+      shift[c] = acc_t(total_mean[c]);
     }
     total_count += double(nr);
   }
@@ -501,36 +527,29 @@ void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
                     int64_t c1, GradSums* out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
+  using Pair = typename IO::Pair;
   const int64_t width = c1 - c0;
-  const int64_t vector_width = width - width % IO::kStep;
   const int64_t chunk_rows = std::clamp<int64_t>(kRowChunk / width, 1, kMaxChunkRows);
-  const acc_t* m = mean + c0;
-  std::vector<acc_t> sum(width), dot(width);
+  std::vector<acc_t> sum(width), dot(width);  // indexed by channel - c0
   for (int64_t c = c0; c < c1; ++c) out[c] = GradSums{};
   for (int64_t r = r0; r < r1; r += chunk_rows) {
     const int64_t nr = std::min(chunk_rows, r1 - r);
     std::fill(sum.begin(), sum.end(), acc_t(0));
     std::fill(dot.begin(), dot.end(), acc_t(0));
-    for (int64_t i = r; i < r + nr; ++i) {
-      const scalar_t* g_row = dy + i * g.c + c0;
-      const scalar_t* x_row = x + i * g.c + c0;
-      for (int64_t c = 0; c < vector_width; c += IO::kStep) {
-        const auto [g0, g1] = IO::load2(g_row + c);
-        const auto [x0, x1] = IO::load2(x_row + c);
-        const auto [mu0, mu1] = IO::load_acc2(m + c);
-        const auto [s0, s1] = IO::load_acc2(sum.data() + c);
-        const auto [t0, t1] = IO::load_acc2(dot.data() + c);
-        (s0 + g0).store(sum.data() + c);
-        (s1 + g1).store(sum.data() + c + IO::kWidth);
-        at::vec::fmadd(g0, x0 - mu0, t0).store(dot.data() + c);
-        at::vec::fmadd(g1, x1 - mu1, t1).store(dot.data() + c + IO::kWidth);
+    for_each_block_step<scalar_t>(r, r + nr, 0, width, [&](int64_t rb, int64_t re, int64_t c,
+                                                           auto count) {
+      const Pair m = IO::load_acc(mean + c0 + c, count);
+      Pair s = IO::load_acc(sum.data() + c, count), t = IO::load_acc(dot.data() + c, count);
+      for (int64_t i = rb; i < re; ++i) {
+        const Pair gv = IO::load(dy + i * g.c + c0 + c, count);
+        const Pair xv = IO::load(x + i * g.c + c0 + c, count);
+        s = {s.first + gv.first, s.second + gv.second};
+        t = {at::vec::fmadd(gv.first, xv.first - m.first, t.first),
+             at::vec::fmadd(gv.second, xv.second - m.second, t.second)};
       }
-      for (int64_t c = vector_width; c < width; ++c) {
-        const acc_t gv = acc_t(g_row[c]);
-        sum[c] += gv;
-        dot[c] += gv * (acc_t(x_row[c]) - m[c]);
-      }
-    }
+      IO::store_acc(sum.data() + c, s, count);
+      IO::store_acc(dot.data() + c, t, count);
+    });
     for (int64_t c = 0; c < width; ++c) out[c0 + c].add({double(sum[c]), double(dot[c])});
   }
 }
@@ -621,16 +640,8 @@ void forward_typed(const ForwardArgs& a) {
   elementwise(g, y, x, static_cast<const scalar_t*>(nullptr), k);
 }
 
-// Per-channel sums of the backward: sum(dy) and sum(dy * (x - mean)).
-struct ChannelSums {
-  std::vector<double> dy, dot;
-
-  explicit ChannelSums(int64_t c) : dy(c, 0.0), dot(c, 0.0) {}
-  void set(int64_t c, const GradSums& s) {
-    dy[c] = s.dy;
-    dot[c] = s.dot;
-  }
-};
+// Per-channel sums of the backward.
+using ChannelSums = std::vector<GradSums>;
 
 template <typename acc_t>
 BackwardCoeffs<acc_t> fold_backward_coeffs(const BackwardArgs& a, const ChannelSums& sums,
@@ -638,7 +649,7 @@ BackwardCoeffs<acc_t> fold_backward_coeffs(const BackwardArgs& a, const ChannelS
   const acc_t* w = static_cast<const acc_t*>(a.weight);
   return fold_backward(static_cast<const acc_t*>(a.mean)[c],
                        static_cast<const acc_t*>(a.invstd)[c], w ? w[c] : acc_t(1),
-                       acc_t(sums.dy[c]), acc_t(sums.dot[c]), acc_t(a.g.count()), a.training);
+                       acc_t(sums[c].dy), acc_t(sums[c].dot), acc_t(a.g.count()), a.training);
 }
 
 // The reductions of the backward into sums; when `fused`, also grad_input of each channel
@@ -662,7 +673,7 @@ bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
     for (int64_t c = 0; c < g.c; ++c) {
       GradSums s;
       for (int64_t range = 0; range < t.ranges; ++range) s.add(partial[range * g.c + c]);
-      sums.set(c, s);
+      sums[c] = s;
     }
     return false;
   }
@@ -675,7 +686,7 @@ bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
           const int64_t p = (n * g.c + c) * g.hw;
           s.add(run_grad_sums(dy + p, x + p, g.hw, mean[c]));
         }
-        sums.set(c, s);
+        sums[c] = s;
         if (!dx) continue;
         const auto k = fold_backward_coeffs<acc_t>(a, sums, c);
         for (int64_t n = 0; n < g.n; ++n) {
@@ -695,7 +706,7 @@ bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
   for (int64_t c = 0; c < g.c; ++c) {
     GradSums s;
     for_channel_pieces(g, p, partial, c, [&](const GradSums& part) { s.add(part); });
-    sums.set(c, s);
+    sums[c] = s;
   }
   return false;
 }
@@ -709,7 +720,7 @@ void backward_typed(const BackwardArgs& a) {
   auto* dx = static_cast<scalar_t*>(a.dx);
   // The sums feed grad_weight/grad_bias and, in training, grad_input.
   const bool need_sums = a.grad_weight || a.grad_bias || (a.training && dx);
-  ChannelSums sums(g.c);
+  ChannelSums sums(g.c);  // zero unless computed
   const bool dx_done = need_sums && backward_sums<scalar_t>(a, sums);
 
   if (dx && !dx_done) {
@@ -731,8 +742,8 @@ void backward_typed(const BackwardArgs& a) {
   }
   const auto* invstd = static_cast<const acc_t*>(a.invstd);
   for (int64_t c = 0; c < g.c; ++c) {
-    if (a.grad_weight) static_cast<acc_t*>(a.grad_weight)[c] = acc_t(sums.dot[c] * invstd[c]);
-    if (a.grad_bias) static_cast<acc_t*>(a.grad_bias)[c] = acc_t(sums.dy[c]);
+    if (a.grad_weight) static_cast<acc_t*>(a.grad_weight)[c] = acc_t(sums[c].dot * invstd[c]);
+    if (a.grad_bias) static_cast<acc_t*>(a.grad_bias)[c] = acc_t(sums[c].dy);
   }
 }
 

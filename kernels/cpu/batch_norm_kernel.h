@@ -49,7 +49,7 @@ struct BackwardArgs {
 struct Kernels {
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
-  const char* capability;  // "DEFAULT", "AVX2" or "AVX512", as at::get_cpu_capability() names them
+  const char* capability;  // "DEFAULT", "AVX2" or "AVX512": the CPU_CAPABILITY it was built for
   bool openmp;             // compiled with OpenMP: at::parallel_for uses torch's thread pool
 };
 

@@ -13,8 +13,9 @@ namespace cpu {
 
 namespace {
 
-// Compiled levels, lowest first. CUSTOM_BN_CPU_X86 is defined by the build when it compiled the
-// x86 levels (kernels/cpu/cpu_capabilities.txt); other architectures get the portable copy only.
+// Compiled levels, lowest first: the levels of kernels/cpu/cpu_capabilities.txt, whose
+// namespaces batch_norm_kernel.h declares. CUSTOM_BN_CPU_X86 is defined by the build when it
+// compiled the x86 levels; other architectures get the portable copy only.
 constexpr const Kernels* kCompiled[] = {
     &DEFAULT::kernels,
 #if defined(CUSTOM_BN_CPU_X86) && CUSTOM_BN_CPU_X86
@@ -24,7 +25,8 @@ constexpr const Kernels* kCompiled[] = {
 };
 
 const Kernels* choose() {
-  const std::string aten = at::get_cpu_capability();
+  std::string aten = at::get_cpu_capability();
+  if (aten == "NO AVX") aten = "DEFAULT";  // older torch's name for the portable level
   const Kernels* best = kCompiled[0];
   for (const Kernels* k : kCompiled) {
     if (aten == k->capability) best = k;

@@ -13,7 +13,8 @@ def _openmp_runtimes() -> List[str]:
     right: custom_bn links libtorch's own, so both share torch's intra-op thread pool."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libomp" in line}
+            paths = {line.split()[-1] for line in maps
+                     if any(name in line for name in ("libgomp", "libiomp", "libomp"))}
     except OSError:
         return []
     return sorted(os.path.realpath(p) for p in paths)

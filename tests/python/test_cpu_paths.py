@@ -29,6 +29,9 @@ CASES = [
     ((3, 3000), False),  # few rows, wide: channel blocks only
     ((4096, 3), False),  # many rows, narrow
     ((2, 7, 3000, 1), False),  # hw == 1 after the last dim: rows
+    ((6, 9, 7, 7), False),  # planes shorter than a vector step: masked tails
+    ((8, 33, 5, 5), True),  # C = one AVX-512 float step + 1 (AVX2: two steps + 1)
+    ((8, 31, 5, 5), True),  # C = one step - 1: whole rows in the masked tail
 ]
 
 
@@ -77,7 +80,8 @@ def threads(request):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_split_matches_float64_torch(case, dtype, train, threads):
     shape, channels_last = case
