@@ -54,9 +54,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   const at::Tensor input = input_arg.contiguous(fmt);
   const auto acc = accumulate_dtype(input.scalar_type());
   const Geometry g = geometry_of(input, fmt);
-  at::Tensor output = at::empty_like(input, input.options(), fmt);
+  // The small outputs first: a small block left above the large one on the heap would make
+  // malloc trim and re-fault the output's pages on every call.
   at::Tensor save_mean = at::empty({g.c}, input.options().dtype(acc));
   at::Tensor save_invstd = at::empty({g.c}, input.options().dtype(acc));
+  at::Tensor output = at::empty_like(input, input.options(), fmt);
 
   if (input.numel() == 0) {
     // No values: training reports zero statistics and leaves the running stats alone.

@@ -8,11 +8,12 @@
 //  - channels-last (and any input with hw == 1): R = N*hw rows of C contiguous values.
 //
 // Memory traffic is what these kernels spend, so the passes over the tensor are counted:
-//  - contiguous, training: when the channels spread evenly over the threads, one task owns
-//    whole channels and normalizes (or, backward, computes dx for) each channel right after its
-//    reduction, while the channel is still cached: one pass from memory. Otherwise (C = 1, 3,
-//    ... with large planes) the runs are cut into pieces so that every thread has work; the
-//    pieces' partial results are merged, then a second, elementwise pass follows.
+//  - contiguous, training: when the tensors exceed the cache and the channels spread evenly
+//    over the threads, one task owns whole channels and normalizes (or, backward, computes dx
+//    for) each channel right after its reduction, while the channel is still cached: one pass
+//    from memory. Otherwise (tensors that fit in the cache; C = 1, 3, ... with large planes)
+//    the runs are cut into pieces so that every thread has work; the pieces' partial results
+//    are merged, then a second, elementwise pass follows, both in memory order.
 //  - channels-last, training: a reduction pass over (row range x channel block) tiles, whose
 //    partial results are merged per channel, then an elementwise pass: the statistics need
 //    every row before the first output can be written.
@@ -29,7 +30,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -379,9 +383,31 @@ void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scal
 // ------------------------------------------------------------------ contiguous reductions
 
 // Whole channels per task when the channels spread evenly over the threads; else split runs.
-bool whole_channel_tasks(const Geometry& g) {
+// Bytes of cache that a second pass over a tensor can hit: the environment variable
+// CUSTOM_BN_CPU_CACHE_BYTES, else the last-level cache (L3, else L2) that the C library reports.
+int64_t cache_bytes() {
+  if (const char* env = std::getenv("CUSTOM_BN_CPU_CACHE_BYTES")) return std::atoll(env);
+  static const int64_t reported = [] {
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    for (const int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
+      const long bytes = sysconf(name);
+      if (bytes > 0) return int64_t(bytes);
+    }
+#endif
+    return int64_t(8) << 20;
+  }();
+  return reported;
+}
+
+// Whole channels per task, each channel's second pass (normalize, grad_input) right after its
+// reduction while it is cached, when the channels spread evenly over the threads and the
+// tensors read (`bytes`) do not fit in the cache. Otherwise the split mode's two passes in
+// memory order are faster: they stream, and the second one hits the cache; whole-channel
+// tasks hop between N runs of hw values, which the hardware prefetchers follow poorly.
+bool whole_channel_tasks(const Geometry& g, int64_t bytes) {
   const int64_t threads = at::get_num_threads();
-  return g.c >= threads && (g.c % threads == 0 || g.c >= 8 * threads);
+  const bool balanced = g.c >= threads && (g.c % threads == 0 || g.c >= 8 * threads);
+  return balanced && bytes > cache_bytes();
 }
 
 int64_t channel_grain(const Geometry& g) {
@@ -607,7 +633,7 @@ void forward_typed(const ForwardArgs& a) {
       store_batch_stats<acc_t>(a, c, s);
       fold_forward_coeffs(a, c, alpha.data(), beta.data());
     }
-  } else if (whole_channel_tasks(g)) {
+  } else if (whole_channel_tasks(g, g.n * g.c * g.hw * int64_t(sizeof(scalar_t)))) {
     at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         WelfordStats<double> s;
@@ -677,7 +703,7 @@ bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
     }
     return false;
   }
-  if (whole_channel_tasks(g)) {
+  if (whole_channel_tasks(g, 2 * g.n * g.c * g.hw * int64_t(sizeof(scalar_t)))) {
     // Sums, then grad_input of the same channel while x and dy are cached.
     at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {

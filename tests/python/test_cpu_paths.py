@@ -1,11 +1,12 @@
 """Every work split of the CPU kernels against torch in float64.
 
-The CPU kernels choose a split from the shape and the thread count (kernels/cpu/
-batch_norm_kernel.cpp): whole channels per task, runs cut into pieces (C = 1, 3, ... or C not
-a multiple of the threads), channels-last tiles of row ranges x channel blocks (C > 1024 gives
-several blocks; few rows give one range), and flat elementwise passes. Each case below runs
-with 1, 2 and 3 threads, so that every split and its merge run, and is compared with
-torch.nn.functional.batch_norm computed in float64 from the same values.
+The CPU kernels choose a split from the shape, the thread count and the cache size
+(kernels/cpu/batch_norm_kernel.cpp): whole channels per task (tensors larger than the cache,
+forced here with CUSTOM_BN_CPU_CACHE_BYTES=0), runs cut into pieces, channels-last tiles of row
+ranges x channel blocks (C > 1024 gives several blocks; few rows give one range), and flat
+elementwise passes. Each case below runs with 1, 2 and 3 threads, so that every split and its
+merge run, and is compared with torch.nn.functional.batch_norm computed in float64 from the
+same values.
 """
 
 import pytest
@@ -79,11 +80,7 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-                         ids=str)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_split_matches_float64_torch(case, dtype, train, threads):
+def _check_against_float64(case, dtype, train):
     shape, channels_last = case
     x = _make(shape, channels_last, dtype)
     dy = _make(shape, channels_last, dtype)
@@ -99,6 +96,22 @@ def test_split_matches_float64_torch(case, dtype, train, threads):
             assert_close(value, ref[name], dtype, name)
         else:
             assert_close_or_no_worse(value, same_precision[name], ref[name], dtype, name)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_split_matches_float64_torch(case, dtype, train, threads):
+    _check_against_float64(case, dtype, train)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if not c[1] and len(c[0]) > 2], ids=_case_id)
+def test_whole_channel_tasks_match_float64_torch(case, dtype, threads, monkeypatch):
+    """Contiguous inputs as if larger than the cache: whole channels per task where balanced."""
+    monkeypatch.setenv("CUSTOM_BN_CPU_CACHE_BYTES", "0")
+    _check_against_float64(case, dtype, True)
 
 
 @pytest.mark.parametrize("case", [((64, 3, 16, 16), False), ((64, 3, 16, 16), True),
