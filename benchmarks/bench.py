@@ -8,13 +8,17 @@ forward) it times, in one process and interleaved:
 * ``compile``: ``torch.compile`` (inductor) of the same torch.nn module;
 * ``copy``: a same-size copy into a fresh tensor, the memory floor of a forward pass.
 
+On a machine with a CUDA GPU the same cases are timed on the GPU as well (rows named ``cuda ...``;
+the first child process times them, each call followed by a synchronize).
+
 Train forward runs with gradients enabled and a leaf input that requires them, as in training;
 forward+backward adds ``torch.autograd.grad`` for the input, weight and bias (nothing
 accumulates into ``.grad``). Each thread count runs in its own child process (torch.compile bakes
 the thread count into its kernels). Every timing is the median of interleaved rounds after
 warm-up; the machine is noisy, so compare the ratios printed, not absolute times across runs.
 
-Prints a table, and writes JSON and a PNG chart to benchmarks/results/ (git-ignored).
+Prints a table, and writes JSON, a markdown table and a PNG chart to benchmarks/results/
+(git-ignored).
 
     python benchmarks/bench.py [--threads 1 2] [--quick] [--cases NAME ...]
 """
@@ -95,7 +99,7 @@ def median_times(fns: Dict[str, Callable[[], object]], rounds: int, min_sample_s
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _modules(case: Case):
+def _modules(case: Case, device: str = "cpu"):
     import custom_bn
 
     dims = len(case.shape) - 2
@@ -111,20 +115,21 @@ def _modules(case: Case):
         reference.bias.normal_()
     ours = ours_cls(channels)
     ours.load_state_dict(reference.state_dict())
-    return ours, reference, copy.deepcopy(reference)
+    return ours.to(device), reference.to(device), copy.deepcopy(reference).to(device)
 
 
-def _input(case: Case) -> torch.Tensor:
-    x = torch.randn(case.shape) * 2 + 0.5
+def _input(case: Case, device: str = "cpu") -> torch.Tensor:
+    x = torch.randn(case.shape, device=device) * 2 + 0.5
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x.to(case.torch_dtype)
 
 
-def case_functions(case: Case, mode: str, modules) -> Dict[str, Callable[[], object]]:
-    """The four timed functions of one case and mode; modules = (custom_bn, torch.nn, compiled)."""
+def case_functions(case: Case, mode: str, modules, device: str) -> Dict[str, Callable[[], object]]:
+    """The four timed functions of one case and mode; modules = (custom_bn, torch.nn, compiled).
+    On CUDA each call waits for the device, so that the time is the kernels'."""
     ours, aten, compiled = modules
-    x = _input(case)
+    x = _input(case, device)
     training = mode != "eval_fwd"
     for m in (ours, aten, compiled):
         m.train(training)
@@ -161,6 +166,8 @@ def case_functions(case: Case, mode: str, modules) -> Dict[str, Callable[[], obj
         expected, got = aten(x), ours(x)
     tol = 1e-4 if case.dtype == "float32" else 5e-2
     torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    if device == "cuda":
+        fns = {name: (lambda fn: lambda: (fn(), torch.cuda.synchronize()))(fn) for name, fn in fns.items()}
     return fns
 
 
@@ -198,8 +205,9 @@ def overhead_functions() -> Dict[str, Callable[[], object]]:
             "torch.ops custom_bn": ops_custom_bn, "torch.ops aten": ops_aten}
 
 
-def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float) -> dict:
-    """Measures every case with `threads` threads; returns a JSON-able dict."""
+def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float, cuda: bool) -> dict:
+    """Measures every case with `threads` threads (and, when `cuda`, on the GPU too); returns a
+    JSON-able dict."""
     import custom_bn
 
     torch.set_num_threads(threads)
@@ -209,15 +217,16 @@ def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float)
     torch._dynamo.config.accumulated_recompile_limit = 1024
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     rows = []
-    for case in cases:
-        ours, aten, to_compile = _modules(case)
-        modules = (ours, aten, torch.compile(to_compile, dynamic=False))
-        for mode in MODES:
-            fns = case_functions(case, mode, modules)
-            times = median_times(fns, rounds, min_sample_s)
-            rows.append({"case": asdict(case), "name": case.name, "mode": mode, "threads": threads,
-                         "seconds": times, "bytes": compulsory_bytes(case, mode)})
-            print(f"  [{threads} thread(s)] {case.name:<24} {mode:<14} done", file=sys.stderr, flush=True)
+    for device in ["cpu"] + (["cuda"] if cuda else []):
+        for case in cases:
+            ours, aten, to_compile = _modules(case, device)
+            modules = (ours, aten, torch.compile(to_compile, dynamic=False))
+            name = case.name if device == "cpu" else f"cuda {case.name}"
+            for mode in MODES:
+                times = median_times(case_functions(case, mode, modules, device), rounds, min_sample_s)
+                rows.append({"case": asdict(case), "name": name, "mode": mode, "device": device,
+                             "threads": threads, "seconds": times, "bytes": compulsory_bytes(case, mode)})
+                print(f"  [{threads} thread(s)] {name:<24} {mode:<14} done", file=sys.stderr, flush=True)
     overhead = median_times(overhead_functions(), rounds, min_sample_s)
     return {"threads": threads, "rows": rows, "overhead": overhead,
             "build_info": custom_bn.build_info()}
@@ -250,6 +259,23 @@ def format_table(results: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: List[dict]) -> str:
+    """The results as a markdown table: times in ms, ratios, copy multiples, GB/s."""
+    lines = ["| case | mode | threads | custom_bn ms | ATen ms | compile ms | copy ms | vs ATen | "
+             "vs compile | x copy | GB/s |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for res in results:
+        for row in res["rows"]:
+            t = row["seconds"]
+            ours = t["custom_bn"]
+            lines.append(
+                f"| {row['name']} | {row['mode']} | {row['threads']} | "
+                + " | ".join(f"{t[c] * 1e3:.3f}" for c in CONTENDERS)
+                + f" | {t['aten'] / ours:.2f} | {t['compile'] / ours:.2f} | {ours / t['copy']:.2f} | "
+                f"{row['bytes'] / ours / 1e9:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: List[dict], path: str) -> Optional[str]:
     try:
         import matplotlib
@@ -271,6 +297,7 @@ def plot(results: List[dict], path: str) -> Optional[str]:
         ax.plot(list(xs), [r["seconds"]["custom_bn"] / r["seconds"]["copy"] for r in rows], "k.",
                 label="custom_bn time / copy time")
         ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_yscale("log")  # copy multiples of tiny inputs reach 30
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
         ax.set_title(f"custom_bn on the CPU, {res['threads']} thread(s): higher bars are better")
@@ -291,12 +318,14 @@ def main() -> None:
     rounds, min_sample_s = (3, 0.002) if args.quick else (9, 0.01)
 
     if args.child is not None:
-        print(json.dumps(run_child(args.child, cases, rounds, min_sample_s)))
+        # The GPU rows do not depend on the CPU thread count: the first child times them.
+        cuda = torch.cuda.is_available() and args.child == args.threads[0]
+        print(json.dumps(run_child(args.child, cases, rounds, min_sample_s, cuda)))
         return
 
     results = []
     for threads in args.threads:
-        cmd = [sys.executable, __file__, "--child", str(threads)]
+        cmd = [sys.executable, __file__, "--child", str(threads), "--threads", *map(str, args.threads)]
         if args.cases:
             cmd += ["--cases", *args.cases]
         if args.quick:
@@ -317,7 +346,11 @@ def main() -> None:
     with open(json_path, "w") as f:
         json.dump({"header": header, "results": results}, f, indent=1)
     png_path = plot(results, os.path.join(RESULTS, f"bench-{stamp}.png"))
+    md_path = os.path.join(RESULTS, f"bench-{stamp}.md")
+    with open(md_path, "w") as f:
+        f.write(f"{header}\n\n{markdown_table(results)}")
     print(f"\nJSON: {json_path}")
+    print(f"Markdown: {md_path}")
     if png_path:
         print(f"PNG:  {png_path}")
 

@@ -20,7 +20,11 @@ namespace {
 // Per-channel tensor as a contiguous tensor of the accumulation dtype, or undefined when absent
 // (the kernels then use 1 for weight and 0 for bias).
 at::Tensor channel_values(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
-  return given(t) ? t->to(acc).contiguous() : at::Tensor();
+  if (!given(t)) return at::Tensor();
+  // The common case needs no conversion: skip the dispatcher calls (per-call overhead counts on
+  // small inputs).
+  if (t->scalar_type() == acc && t->is_contiguous()) return *t;
+  return t->to(acc).contiguous();
 }
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }

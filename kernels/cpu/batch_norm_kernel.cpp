@@ -370,11 +370,13 @@ void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scal
     });
   } else {
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      // Runs follow each other channel by channel: count c along instead of dividing per run.
+      int64_t c = (begin / g.hw) % g.c;
       for_each_run_piece(begin, end, g.hw, [&](int64_t run, int64_t off, int64_t len) {
-        const int64_t c = run % g.c;
         const int64_t p = run * g.hw + off;
         affine_run(out + p, a + p, b ? b + p : nullptr, k.ka[c], k.kc[c],
                    k.shift ? k.shift[c] : acc_t(0), k.kb ? k.kb[c] : acc_t(0), len);
+        if (off + len == g.hw && ++c == g.c) c = 0;
       });
     });
   }
@@ -430,17 +432,23 @@ RunPieces run_pieces(const Geometry& g) {
   return {parts, length, runs * parts};
 }
 
-// Calls f(task, pointer offset, length) for every task of the split mode, in parallel, and
-// returns nothing: f stores its partial result by task index.
+// Calls f(task, offset, length, channel) for every task of the split mode, in parallel; f
+// stores its partial result by task index.
 template <typename F>
 void for_each_piece(const Geometry& g, const RunPieces& p, const F& f) {
   const int64_t grain = std::max<int64_t>(1, kGrain / p.length);
   at::parallel_for(0, p.tasks, grain, [&](int64_t begin, int64_t end) {
+    // Divisions once per call, then counted along (a piece can be as short as one plane).
+    int64_t run = begin / p.parts, part = begin % p.parts, channel = run % g.c;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t run = t / p.parts;
-      const int64_t off = (t % p.parts) * p.length;
+      const int64_t off = part * p.length;
       const int64_t len = std::min(p.length, g.hw - off);
-      if (len > 0) f(t, run * g.hw + off, len);
+      if (len > 0) f(t, run * g.hw + off, len, channel);
+      if (++part == p.parts) {
+        part = 0;
+        ++run;
+        if (++channel == g.c) channel = 0;
+      }
     }
   });
 }
@@ -653,7 +661,7 @@ void forward_typed(const ForwardArgs& a) {
   } else {
     const RunPieces p = run_pieces(g);
     std::vector<WelfordStats<double>> partial(p.tasks);
-    for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len) {
+    for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len, int64_t) {
       partial[task] = run_stats(x + off, len);
     });
     for (int64_t c = 0; c < g.c; ++c) {
@@ -726,8 +734,8 @@ bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
   }
   const RunPieces p = run_pieces(g);
   std::vector<GradSums> partial(p.tasks);
-  for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len) {
-    partial[task] = run_grad_sums(dy + off, x + off, len, mean[(off / g.hw) % g.c]);
+  for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len, int64_t c) {
+    partial[task] = run_grad_sums(dy + off, x + off, len, mean[c]);
   });
   for (int64_t c = 0; c < g.c; ++c) {
     GradSums s;
