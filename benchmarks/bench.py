@@ -232,20 +232,30 @@ def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float,
             "build_info": custom_bn.build_info()}
 
 
-def format_table(results: List[dict]) -> str:
-    head = (f"{'case':<24} {'mode':<14} {'thr':>3} {'custom_bn':>10} {'aten':>10} {'compile':>10} "
-            f"{'copy':>10} {'vs aten':>8} {'vs comp':>8} {'x copy':>7} {'GB/s':>6}")
-    lines = [head, "-" * len(head)]
+COLUMNS = ["case", "mode", "thr", "custom_bn ms", "ATen ms", "compile ms", "copy ms", "vs ATen",
+           "vs compile", "x copy", "GB/s"]
+
+
+def table_rows(results: List[dict]) -> List[List[str]]:
+    """One list of formatted cells per measured row, in COLUMNS order."""
+    rows = []
     for res in results:
         for row in res["rows"]:
             t = row["seconds"]
             ours = t["custom_bn"]
-            lines.append(
-                f"{row['name']:<24} {row['mode']:<14} {row['threads']:>3} "
-                + " ".join(f"{t[c] * 1e3:>8.3f}ms" for c in CONTENDERS)
-                + f" {t['aten'] / ours:>7.2f}x {t['compile'] / ours:>7.2f}x {ours / t['copy']:>7.2f}"
-                f" {row['bytes'] / ours / 1e9:>6.1f}"
-            )
+            rows.append([row["name"], row["mode"], str(row["threads"])]
+                        + [f"{t[c] * 1e3:.3f}" for c in CONTENDERS]
+                        + [f"{t['aten'] / ours:.2f}x", f"{t['compile'] / ours:.2f}x",
+                           f"{ours / t['copy']:.2f}", f"{row['bytes'] / ours / 1e9:.1f}"])
+    return rows
+
+
+def format_table(results: List[dict]) -> str:
+    widths = [24, 14] + [max(len(c), 8) for c in COLUMNS[2:]]
+    line = lambda cells: " ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    head = line(COLUMNS)
+    lines = [head, "-" * len(head)] + [line(r) for r in table_rows(results)]
     lines.append("")
     lines.append("per-call overhead, (8,16,4,4) forward+backward (microseconds; ratio custom_bn / torch):")
     for res in results:
@@ -260,19 +270,8 @@ def format_table(results: List[dict]) -> str:
 
 
 def markdown_table(results: List[dict]) -> str:
-    """The results as a markdown table: times in ms, ratios, copy multiples, GB/s."""
-    lines = ["| case | mode | threads | custom_bn ms | ATen ms | compile ms | copy ms | vs ATen | "
-             "vs compile | x copy | GB/s |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for res in results:
-        for row in res["rows"]:
-            t = row["seconds"]
-            ours = t["custom_bn"]
-            lines.append(
-                f"| {row['name']} | {row['mode']} | {row['threads']} | "
-                + " | ".join(f"{t[c] * 1e3:.3f}" for c in CONTENDERS)
-                + f" | {t['aten'] / ours:.2f} | {t['compile'] / ours:.2f} | {ours / t['copy']:.2f} | "
-                f"{row['bytes'] / ours / 1e9:.1f} |"
-            )
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|" + "--:|" * (len(COLUMNS) - 2)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     return "\n".join(lines) + "\n"
 
 
