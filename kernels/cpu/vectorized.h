@@ -1,0 +1,138 @@
+#pragma once
+// Building blocks of the CPU kernels shared by both layouts: vector loads and stores in the
+// accumulation type, the partial results of the reductions, the coefficients of the elementwise
+// passes.
+// Included only by batch_norm_kernel.cpp, which is compiled once per CPU_CAPABILITY: everything
+// here lands in that copy's namespace.
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+namespace custom_bn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+
+using at::vec::Vectorized;
+
+// Fewer elements per task cost more in threading than they save.
+constexpr int64_t kGrain = 32768;
+// Split reductions aim at this many tasks per thread, for load balance.
+constexpr int64_t kTasksPerThread = 4;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Loads and stores of scalar_t values as pairs of vectors of the accumulation type: a step is
+// 2 vectors' worth of values, which is one vector of float16/bfloat16 (converted in one go) and
+// gives the reductions two independent accumulator chains.
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  using Pair = std::pair<Vec, Vec>;
+  static constexpr int64_t kWidth = Vec::size();
+  static constexpr int64_t kStep = 2 * kWidth;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static_assert(!kReduced || Vectorized<scalar_t>::size() == kStep);
+
+  static Pair load2(const scalar_t* p) {
+    if constexpr (kReduced) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      return {lo, hi};
+    } else {
+      return {Vec::loadu(p), Vec::loadu(p + kWidth)};
+    }
+  }
+  // The first `count` < kStep values; the other lanes are unspecified.
+  static Pair load2(const scalar_t* p, int64_t count) {
+    if constexpr (kReduced) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
+      return {lo, hi};
+    } else {
+      return load_acc2(p, count);
+    }
+  }
+  static void store2(scalar_t* p, const Vec& lo, const Vec& hi) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    } else {
+      lo.store(p);
+      hi.store(p + kWidth);
+    }
+  }
+  static void store2(scalar_t* p, const Vec& lo, const Vec& hi, int64_t count) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p, count);
+    } else {
+      lo.store(p, std::min(count, kWidth));
+      if (count > kWidth) hi.store(p + kWidth, count - kWidth);
+    }
+  }
+  // Per-channel coefficients (acc_t arrays), whole or the first `count` values.
+  static Pair load_acc2(const acc_t* p) { return {Vec::loadu(p), Vec::loadu(p + kWidth)}; }
+  static Pair load_acc2(const acc_t* p, int64_t count) {
+    return {Vec::loadu(p, std::min(count, kWidth)),
+            count > kWidth ? Vec::loadu(p + kWidth, count - kWidth) : Vec(acc_t(0))};
+  }
+  static void store_acc2(acc_t* p, const Pair& v, int64_t count = kStep) {
+    v.first.store(p, std::min(count, kWidth));
+    if (count > kWidth) v.second.store(p + kWidth, count - kWidth);
+  }
+
+  // The same for a step of `count` values, count being std::true_type for a whole step (no
+  // masking) or an int64_t below kStep.
+  template <typename Count>
+  static Pair load(const scalar_t* p, Count count) {
+    if constexpr (std::is_same_v<Count, std::true_type>) return load2(p);
+    else return load2(p, count);
+  }
+  template <typename Count>
+  static Pair load_acc(const acc_t* p, Count count) {
+    if constexpr (std::is_same_v<Count, std::true_type>) return load_acc2(p);
+    else return load_acc2(p, count);
+  }
+  template <typename Count>
+  static void store(scalar_t* p, const Pair& v, Count count) {
+    if constexpr (std::is_same_v<Count, std::true_type>) store2(p, v.first, v.second);
+    else store2(p, v.first, v.second, count);
+  }
+  template <typename Count>
+  static void store_acc(acc_t* p, const Pair& v, Count count) {
+    if constexpr (std::is_same_v<Count, std::true_type>) store_acc2(p, v);
+    else store_acc2(p, v, count);
+  }
+};
+
+template <typename acc_t>
+acc_t horizontal_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
+}
+
+struct GradSums {
+  double dy = 0;   // sum(dy)
+  double dot = 0;  // sum(dy * (x - mean))
+
+  void add(const GradSums& o) {
+    dy += o.dy;
+    dot += o.dot;
+  }
+};
+
+// out = a * ka + (b - shift) * kb + kc, with the b term only when b is given: the normalize pass
+// (a = x; ka = alpha, kc = beta) and the grad_input pass (a = dy, b = x, shift = mean). The
+// coefficients are per channel.
+template <typename acc_t>
+struct Coeffs {
+  const acc_t* ka;
+  const acc_t* kc;
+  const acc_t* shift = nullptr;
+  const acc_t* kb = nullptr;
+};
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace custom_bn::cpu
