@@ -17,10 +17,16 @@ accumulates into ``.grad``). Each thread count runs in its own child process (to
 the thread count into its kernels). Every timing is the median of interleaved rounds after
 warm-up; the machine is noisy, so compare the ratios printed, not absolute times across runs.
 
+glibc's malloc returns large freed blocks to the system and takes them back with fresh,
+zero-filled pages on the next call; with two 25 MB tensors alive per step that page-fault cost
+varies several-fold between runs and swamps the kernels (ATen's and custom_bn's alike). The
+child processes therefore run with GLIBC_TUNABLES set to keep freed memory (the effect a
+caching allocator such as jemalloc gives); --system-malloc keeps the defaults.
+
 Prints a table, and writes JSON, a markdown table and a PNG chart to benchmarks/results/
 (git-ignored).
 
-    python benchmarks/bench.py [--threads 1 2] [--quick] [--cases NAME ...]
+    python benchmarks/bench.py [--threads 1 2] [--quick] [--cases NAME ...] [--system-malloc]
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Keep freed blocks of up to 32 MiB in the heap and never trim it (see the module docstring).
+STEADY_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 CONTENDERS = ("custom_bn", "aten", "compile", "copy")
 
@@ -311,6 +319,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cases", nargs="+", help="substrings of case names to run")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default malloc settings in the timed processes")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = [c for c in CASES if not args.cases or any(s in c.name for s in args.cases)]
@@ -329,13 +339,17 @@ def main() -> None:
             cmd += ["--cases", *args.cases]
         if args.quick:
             cmd.append("--quick")
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        env = dict(os.environ)
+        if not args.system_malloc:
+            env.setdefault("GLIBC_TUNABLES", STEADY_MALLOC)
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=env)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     table = format_table(results)
     info = results[0]["build_info"]
+    malloc = "default malloc" if args.system_malloc else "steady malloc"
     header = (f"custom_bn {info['version']}, torch {info['torch']}, CPU path {info['cpu_capability']}, "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {malloc}, "
               f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(header)
     print(table)
