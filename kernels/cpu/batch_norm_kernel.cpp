@@ -18,11 +18,13 @@
 //    partial results are merged per channel, then an elementwise pass: the statistics need
 //    every row before the first output can be written.
 //  - evaluation: one elementwise pass.
-// Elementwise passes split the flat element range evenly over the threads, whatever the shape.
-// Reductions accumulate cache-sized chunks in the accumulation type with the corrected two-pass
-// formula and merge chunks in double with Chan's formula (kernels/common/welford.h), so long or
-// large-mean channels neither lose precision nor form E[x^2] - E[x]^2. Partial results are
-// indexed by task, not by thread, so a result does not depend on which thread ran what.
+// Elementwise passes split evenly over the threads whatever the shape: the flat element range
+// (contiguous), tiles of 16 rows x at most 1024 channels (channels-last). Reductions accumulate
+// cache-sized chunks in the accumulation type and merge chunks in double with Chan's formula
+// (kernels/common/welford.h): contiguous chunks with the corrected two-pass formula,
+// channels-last chunks in one pass over values shifted by the tile's running mean. Long or
+// large-mean channels thus neither lose precision nor form E[x^2] - E[x]^2. Partial results
+// are indexed by task, not by thread, so a result does not depend on which thread ran what.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -40,7 +42,6 @@
 #endif
 #include "channels_last.h"
 #include "contiguous.h"
-#include "vectorized.h"
 
 #define CUSTOM_BN_STRINGIFY_(x) #x
 #define CUSTOM_BN_STRINGIFY(x) CUSTOM_BN_STRINGIFY_(x)
@@ -49,7 +50,7 @@ namespace custom_bn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// out = a * ka + (b - shift) * kb + kc over the whole tensor, the flat range split evenly.
+// out = a * ka + (b - shift) * kb + kc over the whole tensor, split evenly over the threads.
 template <typename scalar_t, typename acc_t>
 void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scalar_t* b,
                  const Coeffs<acc_t>& k) {

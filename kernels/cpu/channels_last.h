@@ -16,9 +16,8 @@ namespace custom_bn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Channels-last chunks: about this many values (their second pass hits L2), and at most
-// kMaxChunkRows rows, so that a channel's float accumulator sums few enough terms to keep
-// float32 accuracy.
+// Channels-last chunks: about this many values (L2-sized), and at most kMaxChunkRows rows, so
+// that a channel's float accumulators sum few enough terms to keep float32 accuracy.
 constexpr int64_t kRowChunk = 32768;
 constexpr int64_t kMaxChunkRows = 512;
 // Widest channel block of a channels-last reduction task.

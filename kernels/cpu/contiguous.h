@@ -141,7 +141,6 @@ void for_each_run_piece(int64_t begin, int64_t end, int64_t run_length, const F&
   }
 }
 
-// Whole channels per task when the channels spread evenly over the threads; else split runs.
 // Bytes of cache that a second pass over a tensor can hit: the environment variable
 // CUSTOM_BN_CPU_CACHE_BYTES, else the last-level cache (L3, else L2) that the C library reports.
 int64_t cache_bytes() {

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <stdlib.h>
+
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -14,6 +16,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <custom_bn/custom_bn.h>
@@ -74,7 +77,12 @@ TEST_F(Threading, BuiltWithOpenMPAndLibtorchsRuntimeOnly) {
 
 TEST_F(Threading, ForwardAndBackwardUseTwoThreads) {
   at::set_num_threads(2);
-  for (bool channels_last : {false, true}) {
+  // (layout, cache): contiguous input in both of its modes, split passes and whole channels per
+  // task (the mode of tensors larger than the cache, forced by declaring no cache), and
+  // channels-last.
+  const std::vector<std::pair<bool, const char*>> cases = {{false, ""}, {false, "0"}, {true, ""}};
+  for (const auto& [channels_last, cache] : cases) {
+    if (*cache) setenv("CUSTOM_BN_CPU_CACHE_BYTES", cache, 1);
     auto x = torch::randn({16, 64, 32, 32});
     if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
     const auto dy = torch::randn_like(x);
@@ -84,13 +92,14 @@ TEST_F(Threading, ForwardAndBackwardUseTwoThreads) {
                 custom_bn::batch_norm_forward(x, {}, {}, {}, {}, true, 0.1, 1e-5);
               }),
               0.4)
-        << "forward, channels_last=" << channels_last;
+        << "forward, channels_last=" << channels_last << ", cache bytes '" << cache << "'";
     EXPECT_GT(second_thread_share([&] {
                 custom_bn::batch_norm_backward(dy, x, {}, mean, invstd, true, 1e-5,
                                                {true, true, true});
               }),
               0.4)
-        << "backward, channels_last=" << channels_last;
+        << "backward, channels_last=" << channels_last << ", cache bytes '" << cache << "'";
+    unsetenv("CUSTOM_BN_CPU_CACHE_BYTES");
   }
 }
 

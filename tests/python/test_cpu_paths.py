@@ -16,13 +16,14 @@ import torch.nn.functional as F
 import custom_bn
 from bn_testing import TOLERANCES, assert_close, assert_close_or_no_worse, single_threaded
 
-# (shape, channels_last): each reaches a different split with some thread count.
+# (shape, channels_last): each reaches a different split with some thread count (contiguous
+# inputs: runs cut into pieces, or, in the whole-channel test, whole channels where balanced).
 CASES = [
     ((2, 1, 130, 130), False),  # C = 1: pieces within a plane
-    ((4, 3, 70, 70), False),  # C = 3: pieces with 2 threads, whole channels with 1 and 3
+    ((4, 3, 70, 70), False),  # C = 3: not balanced over 2 threads: always pieces there
     ((3, 5, 9000), False),  # C = 5: pieces longer than a statistics chunk
-    ((4, 64, 12, 12), False),  # whole channels per task
-    ((1, 4, 5000), False),  # N = 1, one chunk and a tail per plane
+    ((4, 64, 12, 12), False),  # many short planes
+    ((1, 4, 5000), False),  # N = 1: a plane of a chunk and a tail (cut further with 2-3 threads)
     ((8, 64, 20, 20), True),  # tiles of row ranges
     ((4, 3, 40, 40), True),  # C narrower than a vector
     ((2, 2500, 3, 3), True),  # several channel blocks
@@ -106,12 +107,13 @@ def test_split_matches_float64_torch(case, dtype, train, threads):
     _check_against_float64(case, dtype, train)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if not c[1] and len(c[0]) > 2], ids=_case_id)
-def test_whole_channel_tasks_match_float64_torch(case, dtype, threads, monkeypatch):
+def test_whole_channel_tasks_match_float64_torch(case, dtype, train, threads, monkeypatch):
     """Contiguous inputs as if larger than the cache: whole channels per task where balanced."""
     monkeypatch.setenv("CUSTOM_BN_CPU_CACHE_BYTES", "0")
-    _check_against_float64(case, dtype, True)
+    _check_against_float64(case, dtype, train)
 
 
 @pytest.mark.parametrize("case", [((64, 3, 16, 16), False), ((64, 3, 16, 16), True),
