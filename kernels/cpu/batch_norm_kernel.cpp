@@ -57,8 +57,7 @@ void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scal
   const int64_t numel = g.n * g.c * g.hw;
   if (g.layout == Layout::kChannelsLast) {
     // Tasks: blocks of kBlockRows rows x blocks of at most kMaxBlockChannels channels.
-    const int64_t col_blocks = ceil_div(g.c, kMaxBlockChannels);
-    const int64_t block_channels = ceil_div(g.c, col_blocks);
+    const auto [col_blocks, block_channels] = channel_blocks(g);
     const int64_t row_blocks = ceil_div(g.rows(), kBlockRows);
     const int64_t grain = std::max<int64_t>(1, kGrain / (kBlockRows * block_channels));
     at::parallel_for(0, row_blocks * col_blocks, grain, [&](int64_t begin, int64_t end) {
@@ -96,13 +95,16 @@ void fold_forward_coeffs(const ForwardArgs& a, int64_t c, acc_t* alpha, acc_t* b
   beta[c] = k.beta;
 }
 
+// Stores channel c's batch statistics and folds them into its coefficients.
 template <typename acc_t>
-void store_batch_stats(const ForwardArgs& a, int64_t c, const WelfordStats<double>& s) {
+void store_batch_stats(const ForwardArgs& a, int64_t c, const WelfordStats<double>& s,
+                       acc_t* alpha, acc_t* beta) {
   // Rounding can leave a constant channel's M2 a hair below 0; NaN must stay NaN, as in torch.
   const double var = s.m2 < 0 ? 0.0 : s.m2 / s.count;
   a.var[c] = var;
   static_cast<acc_t*>(a.mean)[c] = acc_t(s.mean);
   static_cast<acc_t*>(a.invstd)[c] = acc_t(1.0 / std::sqrt(var + a.eps));
+  fold_forward_coeffs(a, c, alpha, beta);
 }
 
 template <typename scalar_t>
@@ -133,8 +135,7 @@ void forward_typed(const ForwardArgs& a) {
       for (int64_t range = 0; range < t.ranges; ++range) {
         s = welford_merge(s, partial[range * g.c + c]);
       }
-      store_batch_stats<acc_t>(a, c, s);
-      fold_forward_coeffs(a, c, alpha.data(), beta.data());
+      store_batch_stats(a, c, s, alpha.data(), beta.data());
     }
   } else if (whole_channel_tasks(g, g.n * g.c * g.hw * int64_t(sizeof(scalar_t)))) {
     at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
@@ -143,8 +144,7 @@ void forward_typed(const ForwardArgs& a) {
         for (int64_t n = 0; n < g.n; ++n) {
           s = welford_merge(s, run_stats(x + (n * g.c + c) * g.hw, g.hw));
         }
-        store_batch_stats<acc_t>(a, c, s);
-        fold_forward_coeffs(a, c, alpha.data(), beta.data());
+        store_batch_stats(a, c, s, alpha.data(), beta.data());
         for (int64_t n = 0; n < g.n; ++n) {
           const int64_t p = (n * g.c + c) * g.hw;
           affine_run(y + p, x + p, static_cast<const scalar_t*>(nullptr), alpha[c], beta[c],
@@ -162,8 +162,7 @@ void forward_typed(const ForwardArgs& a) {
     for (int64_t c = 0; c < g.c; ++c) {
       WelfordStats<double> s;
       for_channel_pieces(g, p, partial, c, [&](const auto& part) { s = welford_merge(s, part); });
-      store_batch_stats<acc_t>(a, c, s);
-      fold_forward_coeffs(a, c, alpha.data(), beta.data());
+      store_batch_stats(a, c, s, alpha.data(), beta.data());
     }
   }
   elementwise(g, y, x, static_cast<const scalar_t*>(nullptr), k);

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "common/geometry.h"
@@ -72,6 +73,12 @@ void affine_tile(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coef
   }
 }
 
+// Channels in blocks of at most kMaxBlockChannels, as even as possible: (blocks, block width).
+std::pair<int64_t, int64_t> channel_blocks(const Geometry& g) {
+  const int64_t blocks = ceil_div(g.c, kMaxBlockChannels);
+  return {blocks, ceil_div(g.c, blocks)};
+}
+
 // Tasks of a channels-last reduction: `ranges` row ranges x `blocks` channel blocks.
 struct RowTiles {
   int64_t ranges;
@@ -82,8 +89,7 @@ struct RowTiles {
 
 RowTiles row_tiles(const Geometry& g) {
   const int64_t rows = g.rows();
-  const int64_t blocks = ceil_div(g.c, kMaxBlockChannels);
-  const int64_t block_channels = ceil_div(g.c, blocks);
+  const auto [blocks, block_channels] = channel_blocks(g);
   const int64_t numel = rows * g.c;
   // Enough tasks for every thread, none smaller than the grain, none shorter than 8 rows
   // (shorter ones would spend more on merging than on reading).

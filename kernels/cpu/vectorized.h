@@ -40,72 +40,57 @@ struct VecIO {
   static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
   static_assert(!kReduced || Vectorized<scalar_t>::size() == kStep);
 
-  static Pair load2(const scalar_t* p) {
-    if constexpr (kReduced) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
-      return {lo, hi};
-    } else {
-      return {Vec::loadu(p), Vec::loadu(p + kWidth)};
-    }
-  }
-  // The first `count` < kStep values; the other lanes are unspecified.
-  static Pair load2(const scalar_t* p, int64_t count) {
-    if constexpr (kReduced) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
-      return {lo, hi};
-    } else {
-      return load_acc2(p, count);
-    }
-  }
-  static void store2(scalar_t* p, const Vec& lo, const Vec& hi) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
-    } else {
-      lo.store(p);
-      hi.store(p + kWidth);
-    }
-  }
-  static void store2(scalar_t* p, const Vec& lo, const Vec& hi, int64_t count) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(p, count);
-    } else {
-      lo.store(p, std::min(count, kWidth));
-      if (count > kWidth) hi.store(p + kWidth, count - kWidth);
-    }
-  }
-  // Per-channel coefficients (acc_t arrays), whole or the first `count` values.
-  static Pair load_acc2(const acc_t* p) { return {Vec::loadu(p), Vec::loadu(p + kWidth)}; }
-  static Pair load_acc2(const acc_t* p, int64_t count) {
-    return {Vec::loadu(p, std::min(count, kWidth)),
-            count > kWidth ? Vec::loadu(p + kWidth, count - kWidth) : Vec(acc_t(0))};
-  }
-  static void store_acc2(acc_t* p, const Pair& v, int64_t count = kStep) {
-    v.first.store(p, std::min(count, kWidth));
-    if (count > kWidth) v.second.store(p + kWidth, count - kWidth);
-  }
-
-  // The same for a step of `count` values, count being std::true_type for a whole step (no
-  // masking) or an int64_t below kStep.
+  // A step is loaded or stored whole (count: std::true_type) or, for the last step of a row or
+  // run, only its first `count` < kStep values (count: int64_t); masked lanes load as 0.
   template <typename Count>
-  static Pair load(const scalar_t* p, Count count) {
-    if constexpr (std::is_same_v<Count, std::true_type>) return load2(p);
-    else return load2(p, count);
-  }
+  static constexpr bool kWhole = std::is_same_v<Count, std::true_type>;
+
+  // Per-channel values (acc_t arrays: coefficients, accumulators).
   template <typename Count>
   static Pair load_acc(const acc_t* p, Count count) {
-    if constexpr (std::is_same_v<Count, std::true_type>) return load_acc2(p);
-    else return load_acc2(p, count);
-  }
-  template <typename Count>
-  static void store(scalar_t* p, const Pair& v, Count count) {
-    if constexpr (std::is_same_v<Count, std::true_type>) store2(p, v.first, v.second);
-    else store2(p, v.first, v.second, count);
+    if constexpr (kWhole<Count>) {
+      return {Vec::loadu(p), Vec::loadu(p + kWidth)};
+    } else {
+      return {Vec::loadu(p, std::min<int64_t>(count, kWidth)),
+              count > kWidth ? Vec::loadu(p + kWidth, count - kWidth) : Vec(acc_t(0))};
+    }
   }
   template <typename Count>
   static void store_acc(acc_t* p, const Pair& v, Count count) {
-    if constexpr (std::is_same_v<Count, std::true_type>) store_acc2(p, v);
-    else store_acc2(p, v, count);
+    if constexpr (kWhole<Count>) {
+      v.first.store(p);
+      v.second.store(p + kWidth);
+    } else {
+      v.first.store(p, std::min<int64_t>(count, kWidth));
+      if (count > kWidth) v.second.store(p + kWidth, count - kWidth);
+    }
   }
+
+  // Tensor values: float16/bfloat16 converted to float and back, one vector at a time.
+  template <typename Count>
+  static Pair load(const scalar_t* p, Count count) {
+    if constexpr (!kReduced) {
+      return load_acc(p, count);
+    } else if constexpr (kWhole<Count>) {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      return {lo, hi};
+    } else {
+      const auto [lo, hi] =
+          at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
+      return {lo, hi};
+    }
+  }
+  template <typename Count>
+  static void store(scalar_t* p, const Pair& v, Count count) {
+    if constexpr (!kReduced) {
+      store_acc(p, v, count);
+    } else if constexpr (kWhole<Count>) {
+      at::vec::convert_from_float<scalar_t>(v.first, v.second).store(p);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v.first, v.second).store(p, count);
+    }
+  }
+  static Pair load2(const scalar_t* p) { return load(p, std::true_type{}); }
 };
 
 template <typename acc_t>
