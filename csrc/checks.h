@@ -118,12 +118,16 @@ inline at::ScalarType check_batch_norm_forward_args(
     const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
   constexpr const char* op = "custom_bn.batch_norm";
   check_input(op, input);
+  // As torch: a missing running stat is a RuntimeError in evaluation mode, and one given
+  // without the other a ValueError in training.
+  TORCH_CHECK(training || (given(running_mean) && given(running_var)), op,
+              ": running_mean and running_var must be defined in evaluation mode (training=False), "
+              "got running_mean ", given(running_mean) ? "defined" : "None", " and running_var ",
+              given(running_var) ? "defined" : "None");
   TORCH_CHECK_VALUE(given(running_mean) == given(running_var), op,
               ": running_mean and running_var must be given together, got running_mean ",
               given(running_mean) ? "defined" : "None", " and running_var ",
               given(running_var) ? "defined" : "None");
-  TORCH_CHECK(training || given(running_mean), op,
-              ": running_mean and running_var must be defined in evaluation mode (training=False)");
   TORCH_CHECK_VALUE(!training || values_per_channel(input) != 1, op,
               ": Expected more than 1 value per channel when training, got input size ",
               describe_shape(input));

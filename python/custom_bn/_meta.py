@@ -102,14 +102,16 @@ def _batch_norm_forward_fake(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     op = "custom_bn.batch_norm"
     _check_input(op, input)
+    # As torch: RuntimeError for a missing running stat in evaluation mode, ValueError for one
+    # given without the other in training.
+    torch._check(
+        training or (running_mean is not None and running_var is not None),
+        lambda: f"{op}: running_mean and running_var must be defined in evaluation mode "
+        "(training=False)",
+    )
     torch._check_value(
         (running_mean is None) == (running_var is None),
         lambda: f"{op}: running_mean and running_var must be given together",
-    )
-    torch._check(
-        training or running_mean is not None,
-        lambda: f"{op}: running_mean and running_var must be defined in evaluation mode "
-        "(training=False)",
     )
     torch._check_value(
         not training or input.shape[1] == 0 or input.numel() != input.shape[1],

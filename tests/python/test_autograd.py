@@ -107,3 +107,43 @@ def test_backward_op_masks_and_layout():
                 torch.testing.assert_close(got, ref, rtol=0, atol=0)
             else:
                 assert got.shape == (0,)
+
+
+def _first_and_second_order(bn, x, w, b, dy, v):
+    """First-order gradients of bn's output (cotangent dy) with create_graph=True, then the
+    gradients of sum(first * v) with respect to input, weight, bias and dy: second order."""
+    leaves = [t for t in (x, w, b) if t is not None]
+    first = torch.autograd.grad(bn(x, w, b), leaves, dy, create_graph=True)
+    total = sum((g * vi).sum() for g, vi in zip(first, v))
+    second = torch.autograd.grad(total, leaves + [dy], allow_unused=True)
+    return first, second
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_first_and_second_order_gradients_equal_torch(layout, training, affine, device):
+    """The values, not only their consistency: the differentiable backward used under
+    create_graph=True against torch.nn.functional.batch_norm, both in float64."""
+    x, w, b, stats = _inputs(layout, device, affine)
+    dy = leaf(torch.randn_like(x))
+    v = [torch.randn_like(t) for t in (x, w, b) if t is not None]
+
+    def torch_bn(x, w=None, b=None):
+        rm, rv = stats[0].clone(), stats[1].clone()
+        return torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+
+    ours = _first_and_second_order(_fn(training, stats, affine), x, w, b, dy, v)
+    ref = _first_and_second_order(torch_bn, x, w, b, dy, v)
+    names = ["input", "weight", "bias"][: len(v)]
+    for order, (got_all, want_all, labels) in enumerate(
+        [(ours[0], ref[0], names), (ours[1], ref[1], names + ["grad_output"])], start=1
+    ):
+        for got, want, name in zip(got_all, want_all, labels):
+            what = f"order {order}, d/d{name}"
+            if want is None:  # torch's graph does not depend on it: ours must be zero or absent
+                assert got is None or torch.count_nonzero(got) == 0, what
+                continue
+            assert got is not None, what
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{what}: {m}")

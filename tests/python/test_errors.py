@@ -293,18 +293,21 @@ def test_rejects_cpu_parameter_for_cuda_input():
 
 @pytest.mark.parametrize("given", ["running_mean", "running_var"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_running_stat_without_its_partner_is_a_value_error(given, training):
+def test_running_stat_without_its_partner_has_torchs_error_class(given, training):
+    """torch raises ValueError in training and RuntimeError in evaluation mode: so do we."""
     stat = torch.zeros(3) if given == "running_mean" else torch.ones(3)
     rm, rv = (stat, None) if given == "running_mean" else (None, stat)
+    x = torch.randn(4, 3)
+    with pytest.raises(Exception) as torch_error:
+        TF.batch_norm(x, rm, rv, training=training)
+    expected = ValueError if training else RuntimeError
+    assert type(torch_error.value) is expected
     _assert_rejected(
-        lambda: F.batch_norm(torch.randn(4, 3), rm, rv, training=training),
-        ValueError,
-        "running_mean and running_var must be given together",
+        lambda: F.batch_norm(x, rm, rv, training=training),
+        expected,
+        "must be given together" if training else "must be defined in evaluation mode",
         tensors=(stat,),
     )
-    if training:  # torch raises the same type (in eval mode torch raises RuntimeError instead)
-        with pytest.raises(ValueError):
-            TF.batch_norm(torch.randn(4, 3), rm, rv, training=training)
 
 
 def test_eval_without_running_stats():
