@@ -56,6 +56,12 @@ param_t* optional_ptr(const c10::optional<at::Tensor>& t) {
   return given(t) ? t->data_ptr<param_t>() : nullptr;
 }
 
+// weight and bias as the kernels index them: dense [C] arrays (a view such as w[::2] is copied;
+// the running stats, written in place, keep their strides instead).
+inline c10::optional<at::Tensor> dense(const c10::optional<at::Tensor>& t) {
+  return given(t) ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
 inline int64_t optional_stride(const c10::optional<at::Tensor>& t) {
   return given(t) ? t->stride(0) : 0;
 }
@@ -200,8 +206,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     return {output, save_mean, save_invstd};
   }
 
-  const ForwardArgs args{input,        output,      save_mean, save_invstd, weight, bias,
-                         running_mean, running_var, training,  momentum,    eps,    g};
+  const auto weight_dense = dense(weight), bias_dense = dense(bias);
+  const ForwardArgs args{input,        output,      save_mean,    save_invstd,
+                         weight_dense, bias_dense,  running_mean, running_var,
+                         training,     momentum,    eps,          g};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "custom_bn_batch_norm_forward_cuda", [&] {
         dispatch_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
@@ -350,9 +358,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   if (output_mask[1]) grad_weight_acc = at::empty({g.c}, acc_options);
   if (output_mask[2]) grad_bias_acc = at::empty({g.c}, acc_options);
 
+  const auto weight_dense = dense(weight);
   const BackwardArgs args{grad_output,
                           input,
-                          weight,
+                          weight_dense,
                           save_mean,
                           save_invstd,
                           training,

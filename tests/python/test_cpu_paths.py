@@ -51,12 +51,14 @@ def _make(shape, channels_last, dtype, mean_scale=1.0):
     return x.to(dtype)
 
 
-def _run(fn, x, dy, train, **params):
-    """Output, running stats and the input/weight/bias gradients of fn."""
+def _run(fn, x, dy, train, copy_params=True, **params):
+    """Output, running stats and the input/weight/bias gradients of fn. copy_params=False uses
+    the given per-channel tensors themselves (strided views stay strided)."""
     x = x.detach().clone().requires_grad_()
-    w = params["weight"].detach().clone().requires_grad_()
-    b = params["bias"].detach().clone().requires_grad_()
-    rm, rv = params["running_mean"].clone(), params["running_var"].clone()
+    copy = (lambda t: t.detach().clone()) if copy_params else (lambda t: t.detach())
+    w = copy(params["weight"]).requires_grad_()
+    b = copy(params["bias"]).requires_grad_()
+    rm, rv = copy(params["running_mean"]), copy(params["running_var"])
     y = fn(x, rm, rv, w, b, training=train, momentum=0.3, eps=1e-5)
     gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
     return {"output": y, "running_mean": rm, "running_var": rv, "grad_input": gx,
@@ -143,3 +145,42 @@ def test_nan_reaches_the_statistics(shape, threads):
                                                               1e-5)
     assert torch.isnan(invstd[1]) and torch.isnan(mean[1]) and torch.isnan(rv[1])
     assert torch.isfinite(invstd[0]) and torch.isfinite(rv[0])
+
+
+def _strided(values, sentinel=123.0):
+    """values as a stride-2 view whose neighbours hold `sentinel` (a wrong stride reads or
+    overwrites them)."""
+    storage = torch.full((values.numel(), 2), sentinel, dtype=values.dtype)
+    storage[:, 0] = values
+    return storage[:, 0], storage
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [((4, 5, 6, 7), False), ((4, 5, 6, 7), True), ((64, 5), False)],
+                         ids=_case_id)
+def test_strided_per_channel_tensors(case, dtype, train):
+    """weight, bias, running_mean and running_var as stride-2 views: results equal torch's in
+    float64 (computed from dense copies: torch 2.14's own CPU backward mis-reads a strided weight
+    for (N, C) input), and the storage between the views' elements is never touched."""
+    shape, channels_last = case
+    x = _make(shape, channels_last, dtype)
+    dy = _make(shape, channels_last, dtype)
+    params = _params(shape[1], dtype)
+    views, storages = zip(*(_strided(params[k].clone()) for k in
+                            ("weight", "bias", "running_mean", "running_var")))
+    w, b, rm, rv = views
+    assert w.stride() == (2,)
+    ours = _run(custom_bn.functional.batch_norm, x, dy, train, copy_params=False, weight=w,
+                bias=b, running_mean=rm, running_var=rv)
+    for storage in storages:
+        assert torch.all(storage[:, 1] == 123.0), "a neighbour of a strided view changed"
+    with single_threaded():
+        ref = _run(F.batch_norm, x.double(), dy.double(), train,
+                   **{k: v.double() for k, v in params.items()})
+        same_precision = _run(F.batch_norm, x, dy, train, **params)
+    for name, value in ours.items():
+        if dtype in (torch.float64, torch.float32):
+            assert_close(value, ref[name], dtype, name)
+        else:
+            assert_close_or_no_worse(value, same_precision[name], ref[name], dtype, name)

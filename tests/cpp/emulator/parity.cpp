@@ -56,7 +56,7 @@ std::string ParityCase::name() const {
   if (param_dtype != dtype) os << "_params" << c10::toString(param_dtype);
   os << "_" << shape_name(shape) << (channels_last ? "_channels_last" : "")
      << (training ? "_train" : "_eval") << (affine ? "" : "_noaffine")
-     << (running_stats ? "" : "_norunning") << (strided_running_stats ? "_strided" : "");
+     << (running_stats ? "" : "_norunning") << (strided_channel_tensors ? "_strided" : "");
   return os.str();
 }
 
@@ -145,12 +145,13 @@ class Checker {
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   OptTensor weight, bias, running_mean, running_var;
   if (c.affine) {
-    weight = channel_tensor(at::randn({C}, f64) * 0.5 + 1.0, c.param_dtype, false);
-    bias = channel_tensor(at::randn({C}, f64), c.param_dtype, false);
+    weight = channel_tensor(at::randn({C}, f64) * 0.5 + 1.0, c.param_dtype,
+                            c.strided_channel_tensors);
+    bias = channel_tensor(at::randn({C}, f64), c.param_dtype, c.strided_channel_tensors);
   }
   if (c.running_stats) {
-    running_mean = channel_tensor(at::randn({C}, f64), c.param_dtype, c.strided_running_stats);
-    running_var = channel_tensor(at::rand({C}, f64) + 0.5, c.param_dtype, c.strided_running_stats);
+    running_mean = channel_tensor(at::randn({C}, f64), c.param_dtype, c.strided_channel_tensors);
+    running_var = channel_tensor(at::rand({C}, f64) + 0.5, c.param_dtype, c.strided_channel_tensors);
   }
   const at::Tensor dy = at::randn(c.shape, f64).to(c.dtype).contiguous(fmt);
 

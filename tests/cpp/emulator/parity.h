@@ -25,7 +25,7 @@ struct ParityCase {
   bool training = true;
   bool affine = true;
   bool running_stats = true;
-  bool strided_running_stats = false;  // running stats as stride-2 views
+  bool strided_channel_tensors = false;  // weight, bias, running stats as stride-2 views
   double momentum = 0.1;
   double eps = 1e-5;
   std::vector<std::array<bool, 3>> masks = {{true, true, true}};

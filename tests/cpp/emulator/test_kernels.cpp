@@ -131,7 +131,7 @@ std::vector<ParityCase> gpu_sized_cases() {
 }
 
 // Optional arguments and the running-stat update: no affine parameters, no running stats,
-// strided running stats, momentum 1.
+// strided weight, bias and running stats, momentum 1.
 std::vector<ParityCase> argument_cases() {
   std::vector<ParityCase> cases;
   size_t i = 9000;
@@ -143,7 +143,7 @@ std::vector<ParityCase> argument_cases() {
         cases.push_back(no_affine);
 
         ParityCase strided = make_case(l, dtype, at::kFloat, training, two_warp_splits(), i++);
-        strided.strided_running_stats = true;
+        strided.strided_channel_tensors = true;
         strided.momentum = training ? 1.0 : 0.1;
         cases.push_back(strided);
       }
