@@ -59,8 +59,9 @@ inline int64_t values_per_channel(const at::Tensor& input) {
 
 inline void check_input(const char* op, const at::Tensor& input, const char* name = "input") {
   TORCH_CHECK(input.defined(), op, ": ", name, " must be a defined tensor");
-  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, op, ": ", name,
-              " must have shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got ",
+  // As torch: any rank from 2 on, (N, C, *); every dim after C is spatial.
+  TORCH_CHECK(input.dim() >= 2, op, ": ", name,
+              " must have shape (N, C, *) with at least 2 dims, got ",
               input.dim(), "-D ", name, " of shape ", describe_shape(input));
   const auto dt = input.scalar_type();
   TORCH_CHECK(dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,

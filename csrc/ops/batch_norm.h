@@ -8,7 +8,7 @@
 
 namespace custom_bn {
 
-// custom_bn::batch_norm_forward. input: (N, C, *) with 0 to 3 spatial dims. Returns
+// custom_bn::batch_norm_forward. input: (N, C, *), any number of spatial dims. Returns
 // (output, save_mean, save_invstd); save_* have shape [C] and the accumulation dtype (float for
 // float16/bfloat16 input). In training mode they are the batch statistics and running_mean /
 // running_var (when given) are updated in place with momentum, running_var with the unbiased

@@ -42,8 +42,8 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_input(op: str, input: Tensor) -> None:
     torch._check(
-        2 <= input.dim() <= 5,
-        lambda: f"{op}: input must have shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
+        input.dim() >= 2,
+        lambda: f"{op}: input must have shape (N, C, *) with at least 2 dims, "
         f"got {input.dim()}-D input of shape {list(input.shape)}",
     )
     torch._check(

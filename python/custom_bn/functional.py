@@ -27,7 +27,8 @@ def batch_norm(
     :func:`torch.nn.functional.batch_norm`.
 
     Shapes:
-        * ``input``: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; float64,
+        * ``input``: ``(N, C, *)``, any number of spatial dims (``(N, C)``, ``(N, C, L)``,
+          ``(N, C, H, W)``, ``(N, C, D, H, W)``, ...); float64,
           float32, float16 or bfloat16; any strides (channels-last is kept).
         * ``weight``, ``bias``, ``running_mean``, ``running_var``: ``(C,)`` or ``None``, with
           input's dtype or (for float16/bfloat16 input) float32.

@@ -52,13 +52,17 @@ TEST_F(BatchNormErrors, OneDimensionalInput) {
       {"input", "1-D"});
 }
 
-TEST_F(BatchNormErrors, SixDimensionalInput) {
-  expect_rejected(
-      [&] {
-        custom_bn::batch_norm(torch::randn({2, kC, 2, 2, 2, 2}), weight, bias, running_mean,
-                              running_var, true);
-      },
-      {"input", "6-D"});
+// torch accepts (N, C, *) of any rank from 2 on; so does custom_bn (not an error any more).
+TEST_F(BatchNormErrors, SixDimensionalInputIsAcceptedAsByTorch) {
+  const auto x = torch::randn({2, kC, 2, 3, 1, 2}, torch::kDouble);
+  const auto w = weight.to(torch::kDouble), b = bias.to(torch::kDouble);
+  auto rm = running_mean.to(torch::kDouble), rv = running_var.to(torch::kDouble);
+  auto rm_ref = rm.clone(), rv_ref = rv.clone();
+  const auto y = custom_bn::batch_norm(x, w, b, rm, rv, true, 0.1, 1e-5);
+  const auto y_ref = at::batch_norm(x, w, b, rm_ref, rv_ref, true, 0.1, 1e-5, false);
+  EXPECT_TRUE(torch::allclose(y, y_ref, 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(rm, rm_ref, 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(rv, rv_ref, 1e-12, 1e-12));
 }
 
 TEST_F(BatchNormErrors, WeightOfWrongSize) {

@@ -34,6 +34,8 @@ CASES = [
     ((6, 9, 7, 7), False),  # planes shorter than a vector step: masked tails
     ((8, 33, 5, 5), True),  # C = one AVX-512 float step + 1 (AVX2: two steps + 1)
     ((8, 31, 5, 5), True),  # C = one step - 1: whole rows in the masked tail
+    ((2, 3, 2, 3, 2, 4), False),  # rank 6 and 7: torch accepts (N, C, *) of any rank
+    ((3, 2, 1, 2, 3, 1, 2), False),
 ]
 
 

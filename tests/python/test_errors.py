@@ -53,17 +53,7 @@ def test_functional_rejects_input_with_fewer_than_two_dims(shape):
     _assert_rejected(
         lambda: F.batch_norm(torch.randn(shape), rm, rv, training=True),
         RuntimeError,
-        r"input must have shape \(N, C\).*got \d-D input",
-        tensors=(rm, rv),
-    )
-
-
-def test_functional_rejects_more_than_five_dims():
-    rm, rv = torch.zeros(2), torch.ones(2)
-    _assert_rejected(
-        lambda: F.batch_norm(torch.randn(2, 2, 2, 2, 2, 2), rm, rv, training=True),
-        RuntimeError,
-        r"input must have shape .*got 6-D input",
+        r"input must have shape \(N, C, \*\).*got \d-D input",
         tensors=(rm, rv),
     )
 
