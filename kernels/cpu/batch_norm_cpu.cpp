@@ -58,21 +58,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   const at::Tensor input = input_arg.contiguous(fmt);
   const auto acc = accumulate_dtype(input.scalar_type());
   const Geometry g = geometry_of(input, fmt);
-  // The small outputs first: a small block left above the large one on the heap would make
-  // malloc trim and re-fault the output's pages on every call.
+  at::Tensor output = at::empty_like(input, input.options(), fmt);
   at::Tensor save_mean = at::empty({g.c}, input.options().dtype(acc));
   at::Tensor save_invstd = at::empty({g.c}, input.options().dtype(acc));
-  at::Tensor output = at::empty_like(input, input.options(), fmt);
 
-  if (input.numel() == 0) {
-    // No values: training reports zero statistics and leaves the running stats alone.
-    if (training) {
-      save_mean.zero_();
-      save_invstd.zero_();
-    } else {
-      save_mean.copy_(*running_mean);
-      at::rsqrt_out(save_invstd, running_var->to(acc) + eps);
-    }
+  if (input.numel() == 0 && training) {
+    // No values: zero statistics, running stats left alone. (Evaluation statistics do not
+    // depend on the batch: the kernel reports them and normalizes nothing.)
+    save_mean.zero_();
+    save_invstd.zero_();
     return {output, save_mean, save_invstd};
   }
   const at::Tensor w = channel_values(weight, acc);
