@@ -27,19 +27,20 @@ inline at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
   return is_reduced_float(input_dtype) ? at::kFloat : input_dtype;
 }
 
-// Memory format of outputs and gradients: channels-last inputs stay channels-last, everything
-// else (including non-contiguous views) is computed in the contiguous format. The fake kernels
-// in python/custom_bn/_meta.py apply the same rule.
+// Memory format of outputs and gradients, torch's choice for batch norm: a contiguous input
+// stays contiguous, a dense channels-last one channels-last (also where the strides fit both,
+// e.g. N = 1 or H = 1), and any other input takes suggest_memory_format() (so a sliced
+// channels-last input stays channels-last). The fake kernels in python/custom_bn/_meta.py apply
+// the same rule.
 inline at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
-  if (input.dim() == 4 && !input.is_contiguous() &&
-      input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+  if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     return at::MemoryFormat::ChannelsLast;
   }
-  if (input.dim() == 5 && !input.is_contiguous() &&
-      input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
     return at::MemoryFormat::ChannelsLast3d;
   }
-  return at::MemoryFormat::Contiguous;
+  return input.suggest_memory_format();
 }
 
 // input (already contiguous in fmt = batch_norm_memory_format(input)) as the kernels see it.
@@ -52,9 +53,11 @@ inline Geometry geometry_of(const at::Tensor& input, at::MemoryFormat fmt) {
   return g;
 }
 
-// Number of values per channel: N * prod(spatial).
+// Number of values per channel: N * prod(spatial) (also when C = 0, as torch counts them).
 inline int64_t values_per_channel(const at::Tensor& input) {
-  return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
+  int64_t n = input.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) n *= input.size(d);
+  return n;
 }
 
 inline void check_input(const char* op, const at::Tensor& input, const char* name = "input") {
@@ -70,37 +73,50 @@ inline void check_input(const char* op, const at::Tensor& input, const char* nam
 }
 
 // weight, bias, running_mean, running_var: shape [C], on input's device, and one shared dtype
-// that is either input's dtype or float32 (the latter for float16/bfloat16 inputs).
-inline void check_channel_tensor(const char* op, const at::Tensor& input, const at::Tensor& t,
-                                 const char* name) {
+// that is either input's dtype or float32 (the latter for float16/bfloat16 input). The element
+// counts are checked first, the rest after the running-stat checks, as torch orders them.
+using NamedChannelTensors =
+    std::initializer_list<std::pair<const c10::optional<at::Tensor>*, const char*>>;
+
+inline void check_channel_counts(const char* op, const at::Tensor& input,
+                                 NamedChannelTensors tensors) {
   const int64_t C = input.size(1);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape [C]=[", C,
-              "] where C = input.size(1), got shape ", describe_shape(t));
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name,
-              " must be on the same device as input (", input.device(), "), got ", t.device());
-  const auto dt = t.scalar_type();
-  const bool ok = dt == input.scalar_type() ||
-                  (dt == at::kFloat && is_reduced_float(input.scalar_type()));
-  TORCH_CHECK(ok, op, ": ", name, " must have dtype ", input.scalar_type(),
-              is_reduced_float(input.scalar_type()) ? " or Float" : "",
-              " to match input, got ", dt);
+  for (const auto& [t, name] : tensors) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    // From size(d), not numel(): while torch.compile traces with symbolic shapes, numel() of
+    // a tensor throws where size(d) does not.
+    int64_t count = 1;
+    for (int64_t d = 0; d < (*t)->dim(); ++d) count *= (*t)->size(d);
+    TORCH_CHECK(count == C, op, ": ", name, " must have shape [C]=[", C,
+                "] where C = input.size(1), got shape ", describe_shape(**t));
+  }
 }
 
-// Returns the dtype shared by the per-channel tensors (input's own when none is given).
-inline at::ScalarType check_channel_tensors(
-    const char* op, const at::Tensor& input,
-    std::initializer_list<std::pair<const c10::optional<at::Tensor>*, const char*>> tensors) {
+// Shape, device and dtype; returns the dtype shared by the per-channel tensors (input's own
+// when none is given).
+inline at::ScalarType check_channel_tensors(const char* op, const at::Tensor& input,
+                                            NamedChannelTensors tensors) {
   c10::optional<at::ScalarType> shared;
   const char* first_name = nullptr;
   for (const auto& [t, name] : tensors) {
     if (!t->has_value() || !(*t)->defined()) continue;
-    check_channel_tensor(op, input, **t, name);
+    TORCH_CHECK((*t)->dim() == 1, op, ": ", name, " must have shape [C]=[", input.size(1),
+                "] where C = input.size(1), got shape ", describe_shape(**t));
+    TORCH_CHECK((*t)->device() == input.device(), op, ": ", name,
+                " must be on the same device as input (", input.device(), "), got ",
+                (*t)->device());
+    const auto dt = (*t)->scalar_type();
+    const bool ok = dt == input.scalar_type() ||
+                    (dt == at::kFloat && is_reduced_float(input.scalar_type()));
+    TORCH_CHECK(ok, op, ": ", name, " must have dtype ", input.scalar_type(),
+                is_reduced_float(input.scalar_type()) ? " or Float" : "",
+                " to match input, got ", dt);
     if (!shared) {
-      shared = (*t)->scalar_type();
+      shared = dt;
       first_name = name;
     } else {
-      TORCH_CHECK(*shared == (*t)->scalar_type(), op, ": ", name, " must have the same dtype as ",
-                  first_name, " (", *shared, "), got ", (*t)->scalar_type());
+      TORCH_CHECK(*shared == dt, op, ": ", name, " must have the same dtype as ", first_name,
+                  " (", *shared, "), got ", dt);
     }
   }
   return shared.value_or(input.scalar_type());
@@ -108,19 +124,41 @@ inline at::ScalarType check_channel_tensors(
 
 inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// dtype of grad_weight / grad_bias: weight's, or without a weight the accumulation dtype. (A
+// bias may be float32 for float16 input while no weight says so; autograd casts a float32
+// gradient to a float16 bias exactly, whereas a float16 gradient would lose a float32 bias's
+// precision.)
+inline at::ScalarType channel_gradient_dtype(const at::Tensor& input,
+                                            const c10::optional<at::Tensor>& weight) {
+  return given(weight) ? weight->scalar_type() : accumulate_dtype(input.scalar_type());
+}
+
 // A gradient whose output_mask entry is false: a fresh empty tensor per output, since outputs of
 // an operator must not alias each other.
 inline at::Tensor unrequested_gradient(const at::Tensor& input) { return input.new_empty({0}); }
 
-// Returns the dtype of weight/bias/running stats (see check_channel_tensor).
+// Returns the dtype of weight/bias/running stats (see check_channel_tensors).
 inline at::ScalarType check_batch_norm_forward_args(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
   constexpr const char* op = "custom_bn.batch_norm";
   check_input(op, input);
-  // As torch: a missing running stat is a RuntimeError in evaluation mode, and one given
-  // without the other a ValueError in training.
+  // In torch's order (a call with several faults raises what torch raises): the batch size and
+  // eps (ValueError), the per-channel element counts, a missing running stat in evaluation mode
+  // (RuntimeError), one running stat without the other (ValueError), then shapes, devices and
+  // dtypes.
+  TORCH_CHECK_VALUE(!training || values_per_channel(input) != 1, op,
+              ": Expected more than 1 value per channel when training, got input size ",
+              describe_shape(input));
+  // As torch.nn.functional.batch_norm: eps > 0 in training, eps >= 0 in evaluation.
+  TORCH_CHECK_VALUE(training ? eps > 0 : eps >= 0, op, ": eps must be ",
+                    training ? "positive in training" : "non-negative", ", got ", eps);
+  const NamedChannelTensors tensors = {{&weight, "weight"},
+                                       {&bias, "bias"},
+                                       {&running_mean, "running_mean"},
+                                       {&running_var, "running_var"}};
+  check_channel_counts(op, input, tensors);
   TORCH_CHECK(training || (given(running_mean) && given(running_var)), op,
               ": running_mean and running_var must be defined in evaluation mode (training=False), "
               "got running_mean ", given(running_mean) ? "defined" : "None", " and running_var ",
@@ -129,17 +167,7 @@ inline at::ScalarType check_batch_norm_forward_args(
               ": running_mean and running_var must be given together, got running_mean ",
               given(running_mean) ? "defined" : "None", " and running_var ",
               given(running_var) ? "defined" : "None");
-  TORCH_CHECK_VALUE(!training || values_per_channel(input) != 1, op,
-              ": Expected more than 1 value per channel when training, got input size ",
-              describe_shape(input));
-  // As torch.nn.functional.batch_norm: eps > 0 in training, eps >= 0 in evaluation.
-  TORCH_CHECK_VALUE(training ? eps > 0 : eps >= 0, op, ": eps must be ",
-                    training ? "positive in training" : "non-negative", ", got ", eps);
-  return check_channel_tensors(op, input,
-                               {{&weight, "weight"},
-                                {&bias, "bias"},
-                                {&running_mean, "running_mean"},
-                                {&running_var, "running_var"}});
+  return check_channel_tensors(op, input, tensors);
 }
 
 inline void check_batch_norm_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
@@ -167,6 +195,7 @@ inline void check_batch_norm_backward_args(const at::Tensor& grad_output, const 
                 " must be a ", acc, " tensor on ", input.device(), ", got ", t->scalar_type(),
                 " on ", t->device());
   }
+  check_channel_counts(op, input, {{&weight, "weight"}});
   check_channel_tensors(op, input, {{&weight, "weight"}});
 }
 

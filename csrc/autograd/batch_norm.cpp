@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_differentiabl
     grad_input = (g * scale).to(input.scalar_type())
                      .contiguous(batch_norm_memory_format(input));
   }
-  const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = channel_gradient_dtype(input, weight);
   if (output_mask[1]) grad_weight = (dy * xhat).sum(reduce_dims).to(param_dtype);
   if (output_mask[2]) grad_bias = dy.sum(reduce_dims).to(param_dtype);
   return {output_mask[0] ? grad_input : unrequested_gradient(input),

@@ -36,13 +36,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   return op.call(grad_output, input, weight, save_mean, save_invstd, training, eps, output_mask);
 }
 
+namespace {
+
+// weight/bias of any shape with C elements, as torch accepts them, viewed as [C] (a
+// differentiable reshape: the gradient comes back in the caller's shape). Any other shape is
+// left to the operator's check.
+c10::optional<at::Tensor> as_channel_vector(const c10::optional<at::Tensor>& t, int64_t channels) {
+  if (t.has_value() && t->defined() && t->dim() != 1 && t->numel() == channels) {
+    return t->reshape({channels});
+  }
+  return t;
+}
+
+}  // namespace
+
 at::Tensor batch_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& running_mean,
                       const c10::optional<at::Tensor>& running_var, bool training,
                       double momentum, double eps) {
-  return std::get<0>(
-      batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps));
+  if (input.dim() == 1 && input.numel() == 0) {
+    // torch's empty (0,) input: zero channels; the operators take it as (0, 0).
+    return batch_norm(input.view({0, 0}), weight, bias, running_mean, running_var, training,
+                      momentum, eps)
+        .view({0});
+  }
+  const int64_t channels = input.dim() >= 2 ? input.size(1) : -1;  // else the op rejects input
+  return std::get<0>(batch_norm_forward(input, as_channel_vector(weight, channels),
+                                        as_channel_vector(bias, channels), running_mean,
+                                        running_var, training, momentum, eps));
 }
 
 }  // namespace custom_bn

@@ -29,7 +29,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 3> output_mask);
 
 // Drop-in for at::batch_norm / torch.nn.functional.batch_norm: returns the normalized output and
-// updates running_mean / running_var in place when training. Differentiable.
+// updates running_mean / running_var in place when training. Differentiable. As torch, it also
+// takes weight/bias of any shape with C elements (gradients keep that shape) and the empty 1-D
+// input of shape (0,) (zero channels).
 at::Tensor batch_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& running_mean,

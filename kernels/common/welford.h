@@ -30,7 +30,10 @@ CBN_HOST_DEVICE CBN_INLINE WelfordStats<acc_t> welford_merge(const WelfordStats<
   r.count = a.count + b.count;
   const acc_t delta = b.mean - a.mean;
   const acc_t b_share = b.count / r.count;
-  r.mean = a.mean + delta * b_share;
+  // delta - delta is 0 unless delta is Inf or NaN (a partial mean of Inf): then the weighted
+  // sum keeps Inf + finite = Inf and Inf - Inf = NaN, as a plain sum over the data would.
+  r.mean = delta - delta == acc_t(0) ? a.mean + delta * b_share
+                                     : a.mean * (acc_t(1) - b_share) + b.mean * b_share;
   r.m2 = a.m2 + b.m2 + delta * delta * a.count * b_share;
   return r;
 }

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   at::Tensor save_mean = at::empty({g.c}, input.options().dtype(acc));
   at::Tensor save_invstd = at::empty({g.c}, input.options().dtype(acc));
 
-  if (input.numel() == 0 && training) {
+  if (input.numel() == 0 && (training || g.c == 0)) {
     // No values: zero statistics, running stats left alone. (Evaluation statistics do not
     // depend on the batch: the kernel reports them and normalizes nothing.)
     save_mean.zero_();
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const at::Tensor save_mean = save_mean_arg.contiguous();
   const at::Tensor save_invstd = save_invstd_arg.contiguous();
   const auto acc = accumulate_dtype(input.scalar_type());
-  const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = channel_gradient_dtype(input, weight);
   const Geometry g = geometry_of(input, fmt);
 
   at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -118,8 +119,7 @@ void for_each_tile(const Geometry& g, const RowTiles& t, const F& f) {
 // where the shift is the tile's first row for the first chunk and the tile's mean so far after
 // that; the chunk's (mean, M2) = (shift + sum d / n, sum d^2 - (sum d)^2 / n) is then merged in
 // double with Chan's formula. With the shift near the mean the subtraction does not cancel,
-// whatever the mean's size (a plain E[x^2] - E[x]^2 would). Every channel of a tile has the
-// same count, so the merge weight is computed once per chunk.
+// whatever the mean's size (a plain E[x^2] - E[x]^2 would).
 template <typename scalar_t>
 void tile_stats(const scalar_t* x, const Geometry& g, int64_t r0, int64_t r1, int64_t c0,
                 int64_t c1, WelfordStats<double>* out) {
@@ -131,9 +131,11 @@ void tile_stats(const scalar_t* x, const Geometry& g, int64_t r0, int64_t r1, in
   const int64_t chunk_rows = std::clamp<int64_t>(kRowChunk / width, 1, kMaxChunkRows);
   // Indexed by channel - c0.
   std::vector<acc_t> shift(width), sum(width), sum_sq(width);
-  std::vector<double> total_mean(width, 0.0), total_m2(width, 0.0);
-  double total_count = 0;
-  for (int64_t c = 0; c < width; ++c) shift[c] = acc_t(x[r0 * g.c + c0 + c]);
+  std::vector<WelfordStats<double>> total(width);
+  for (int64_t c = 0; c < width; ++c) {
+    const acc_t first = acc_t(x[r0 * g.c + c0 + c]);
+    shift[c] = std::isfinite(first) ? first : acc_t(0);
+  }
   for (int64_t r = r0; r < r1; r += chunk_rows) {
     const int64_t nr = std::min(chunk_rows, r1 - r);
     std::fill(sum.begin(), sum.end(), acc_t(0));
@@ -151,21 +153,17 @@ void tile_stats(const scalar_t* x, const Geometry& g, int64_t r0, int64_t r1, in
       IO::store_acc(sum.data() + c, s1, count);
       IO::store_acc(sum_sq.data() + c, s2, count);
     });
-    // Chan's merge of (total_count, total) with (nr, chunk), the weight shared by all channels.
-    const double share = double(nr) / (total_count + double(nr));
-    const double cross = total_count * share;
     for (int64_t c = 0; c < width; ++c) {
       const double d_mean = double(sum[c]) / double(nr);
-      const double chunk_mean = double(shift[c]) + d_mean;
-      const double chunk_m2 = double(sum_sq[c]) - double(sum[c]) * d_mean;
-      const double delta = chunk_mean - total_mean[c];
-      total_mean[c] += delta * share;
-      total_m2[c] += chunk_m2 + delta * delta * cross;
-      shift[c] = acc_t(total_mean[c]);
+      const WelfordStats<double> chunk{double(shift[c]) + d_mean,
+                                       double(sum_sq[c]) - double(sum[c]) * d_mean, double(nr)};
+      total[c] = welford_merge(total[c], chunk);
+      // The next chunk is shifted by the mean so far; an Inf mean (an Inf in the data) would
+      // turn every later deviation into NaN, so the shift keeps its last finite value.
+      if (std::isfinite(total[c].mean)) shift[c] = acc_t(total[c].mean);
     }
-    total_count += double(nr);
   }
-  for (int64_t c = 0; c < width; ++c) out[c0 + c] = {total_mean[c], total_m2[c], total_count};
+  std::copy(total.begin(), total.end(), out + c0);
 }
 
 // sum(dy) and sum(dy * (x - mean)) of rows [r0, r1) x channels [c0, c1), written to out[c0, c1).

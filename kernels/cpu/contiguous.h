@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <vector>
 
@@ -56,8 +57,9 @@ WelfordStats<double> chunk_stats(const scalar_t* x, int64_t n) {
     dev += d;
     m2 += d * d;
   }
-  const double dev_mean = double(dev) / double(n);
-  // No clamp at 0: a NaN or Inf in the data must reach the variance, as in torch.
+  // An Inf in the chunk makes the deviations NaN: keep the plain mean then (Inf, as torch's),
+  // and let M2 carry the NaN. No clamp at 0: a NaN or Inf must reach the variance, as in torch.
+  const double dev_mean = std::isfinite(dev) ? double(dev) / double(n) : 0.0;
   return {double(mean) + dev_mean, double(m2) - double(dev) * dev_mean, double(n)};
 }
 

@@ -334,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   const at::Tensor save_mean = save_mean_arg.contiguous();
   const at::Tensor save_invstd = save_invstd_arg.contiguous();
   const auto acc_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
-  const auto param_dtype = given(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = channel_gradient_dtype(input, weight);
   const Geometry g = geometry_of(input, fmt);
 
   at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)

@@ -3,20 +3,24 @@
 A fake kernel computes only output metadata (shape, dtype, strides, device). It must agree
 exactly with what the real CPU/CUDA kernels return, so every rule here mirrors csrc/checks.h:
 
-* outputs and gradients of ``input``'s shape keep the channels-last layout of a 4-D/5-D
-  channels-last input (one that is not also plain contiguous); everything else is contiguous;
+* outputs and gradients of ``input``'s shape have the memory format torch's batch norm gives
+  them (``batch_norm_memory_format``: channels-last for a channels-last input, dense or sliced);
 * ``save_mean`` / ``save_invstd`` have shape ``[C]`` and the accumulation dtype (float32 for
   float16/bfloat16 input, else input's dtype);
+* ``grad_weight`` / ``grad_bias`` have weight's dtype, or the accumulation dtype without a weight
+  (csrc/checks.h: channel_gradient_dtype);
 * a gradient masked out by ``output_mask`` is an empty tensor of shape ``[0]`` and input's dtype.
 
 The cheap argument checks (rank, dtype, ``[C]`` shapes) are repeated so that a bad call fails
 while tracing with the same kind of error as in eager mode.
 """
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 _FORWARD = "custom_bn::batch_norm_forward"
 _BACKWARD = "custom_bn::batch_norm_backward"
@@ -25,14 +29,16 @@ _REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def batch_norm_memory_format(input: Tensor) -> torch.memory_format:
-    """Memory format of an output shaped like ``input`` (the rule of csrc/checks.h)."""
-    if input.dim() == 4 and not input.is_contiguous():
-        if input.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-    if input.dim() == 5 and not input.is_contiguous():
-        if input.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
-    return torch.contiguous_format
+    """Memory format of an output shaped like ``input``: torch's choice for batch norm, the rule
+    of csrc/checks.h (contiguous stays contiguous, dense channels-last stays channels-last, any
+    other input takes ``suggest_memory_format``)."""
+    if input.is_contiguous():
+        return torch.contiguous_format
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return suggest_memory_format(input)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,18 +59,28 @@ def _check_input(op: str, input: Tensor) -> None:
     )
 
 
+def _check_channel_counts(op: str, input: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]) -> None:
+    channels = input.shape[1]
+    for name, t in named:
+        if t is not None:
+            torch._check(
+                t.numel() == channels,
+                lambda: f"{op}: {name} must have shape [C]=[{channels}] where C = input.size(1), "
+                f"got shape {list(t.shape)}",
+            )
+
+
 def _check_channel_tensors(
     op: str, input: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]
 ) -> None:
-    channels = input.shape[1]
     shared: Optional[Tensor] = None
     shared_name = ""
     for name, t in named:
         if t is None:
             continue
         torch._check(
-            t.dim() == 1 and t.shape[0] == channels,
-            lambda: f"{op}: {name} must have shape [C]=[{channels}] where C = input.size(1), "
+            t.dim() == 1,
+            lambda: f"{op}: {name} must have shape [C]=[{input.shape[1]}] where C = input.size(1), "
             f"got shape {list(t.shape)}",
         )
         torch._check(
@@ -102,19 +118,11 @@ def _batch_norm_forward_fake(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     op = "custom_bn.batch_norm"
     _check_input(op, input)
-    # As torch: RuntimeError for a missing running stat in evaluation mode, ValueError for one
-    # given without the other in training.
-    torch._check(
-        training or (running_mean is not None and running_var is not None),
-        lambda: f"{op}: running_mean and running_var must be defined in evaluation mode "
-        "(training=False)",
-    )
+    # In torch's order, as csrc/checks.h: batch size and eps (ValueError), per-channel element
+    # counts, a missing running stat in evaluation mode (RuntimeError), one running stat without
+    # the other (ValueError), then shapes, devices and dtypes.
     torch._check_value(
-        (running_mean is None) == (running_var is None),
-        lambda: f"{op}: running_mean and running_var must be given together",
-    )
-    torch._check_value(
-        not training or input.shape[1] == 0 or input.numel() != input.shape[1],
+        not training or math.prod(input.shape[:1] + input.shape[2:]) != 1,
         lambda: f"{op}: Expected more than 1 value per channel when training, got input size "
         f"{list(input.shape)}",
     )
@@ -129,6 +137,16 @@ def _batch_norm_forward_fake(
         ("running_mean", running_mean),
         ("running_var", running_var),
     ]
+    _check_channel_counts(op, input, named)
+    torch._check(
+        training or (running_mean is not None and running_var is not None),
+        lambda: f"{op}: running_mean and running_var must be defined in evaluation mode "
+        "(training=False)",
+    )
+    torch._check_value(
+        (running_mean is None) == (running_var is None),
+        lambda: f"{op}: running_mean and running_var must be given together",
+    )
     _check_channel_tensors(op, input, named)
     channels = input.shape[1]
     output = torch.empty_like(input, memory_format=batch_norm_memory_format(input))
@@ -170,9 +188,10 @@ def _batch_norm_backward_fake(
             lambda: f"{op}: {name} must be a {accumulate_dtype(input.dtype)} tensor, "
             f"got {stat.dtype}",
         )
+    _check_channel_counts(op, input, [("weight", weight)])
     _check_channel_tensors(op, input, [("weight", weight)])
     channels = input.shape[1]
-    param_dtype = weight.dtype if weight is not None else input.dtype
+    param_dtype = weight.dtype if weight is not None else accumulate_dtype(input.dtype)
     if output_mask[0]:
         grad_input = torch.empty_like(input, memory_format=batch_norm_memory_format(input))
     else:

@@ -31,8 +31,13 @@ def batch_norm(
           ``(N, C, H, W)``, ``(N, C, D, H, W)``, ...); float64,
           float32, float16 or bfloat16; any strides (channels-last is kept).
         * ``weight``, ``bias``, ``running_mean``, ``running_var``: ``(C,)`` or ``None``, with
-          input's dtype or (for float16/bfloat16 input) float32.
-        * returns: a tensor of input's shape and dtype.
+          input's dtype or (for float16/bfloat16 input) float32. As in torch, ``weight`` and
+          ``bias`` may have any shape of ``C`` elements (``(C, 1)``, ...); their gradients keep
+          that shape.
+        * the empty 1-D input ``(0,)`` (``C = 0``, per-channel tensors empty or ``None``) is
+          accepted, as torch accepts it, and gives an empty output.
+        * returns: a tensor of input's shape and dtype, in the memory format torch gives
+          (channels-last input, dense or sliced, gives channels-last output).
 
     In training mode the batch statistics (mean and biased variance over every dimension but
     ``C``) normalize ``input`` and, when given, ``running_mean`` / ``running_var`` are updated in
@@ -49,7 +54,25 @@ def batch_norm(
             f"activation={activation!r}, activation_param={activation_param!r}, "
             f"residual={'None' if residual is None else 'a tensor'}"
         )
+    if input.dim() == 1 and input.numel() == 0:
+        # torch's empty (0,) input: zero channels; the operators take it as (0, 0).
+        output = batch_norm(
+            input.view(0, 0), running_mean, running_var, weight, bias, training, momentum, eps
+        )
+        return output.view(0)
+    if input.dim() >= 2:
+        weight = _as_channel_vector(weight, input.shape[1])
+        bias = _as_channel_vector(bias, input.shape[1])
     output, _, _ = torch.ops.custom_bn.batch_norm_forward.default(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )
     return output
+
+
+def _as_channel_vector(t: Optional[Tensor], channels: int) -> Optional[Tensor]:
+    """weight/bias of any shape with C elements, as torch accepts them, viewed as ``(C,)``
+    (a differentiable reshape, so the gradient comes back in the caller's shape). Any other
+    shape is left to the operator's check."""
+    if t is not None and t.dim() != 1 and t.numel() == channels:
+        return t.reshape(channels)
+    return t

@@ -7,6 +7,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import pytest
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -51,6 +52,47 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str
     )
 
 
+def assert_matches_oracle(
+    actual: Tensor,
+    oracle: Tensor,
+    theirs: Optional[Tensor],
+    dtype: torch.dtype,
+    what: str,
+    conditioning: Optional[Tensor] = None,
+) -> None:
+    """``actual`` equals the float64 ``oracle`` within ``dtype``'s tolerance (atol relative to
+    the largest magnitude, at least 1), or is at most twice as far from it as torch's own result
+    at that precision (``theirs``, when given). ``conditioning`` (elementwise, optional) is the
+    size of the terms the kernel adds to get each value, e.g. |x * alpha| + |beta| for the
+    folded forward y = x * alpha + beta: the accumulation type's rounding of those terms is
+    allowed on top (a constant channel's output, ill-conditioned whatever the kernel). NaN and
+    Inf sit where the oracle's are."""
+    assert actual.shape == oracle.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    a, o = actual.detach().double(), oracle.detach().double()
+    keep = o.isfinite()
+    special_a, special_o = a[~keep], o[~keep]
+    assert torch.equal(a.isfinite(), keep) and torch.equal(
+        special_a.nan_to_num(nan=0.5), special_o.nan_to_num(nan=0.5)
+    ), f"{what}: NaN/Inf differ from torch's: {special_a.tolist()} vs {special_o.tolist()}"
+    a, o = a[keep], o[keep]
+    if o.numel() == 0:
+        return
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(1.0, o.abs().max().item())
+    err = (a - o).abs()
+    bound = atol * scale + rtol * o.abs()
+    if conditioning is not None:
+        unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24  # float32 accumulation below
+        bound = bound + 4 * unit * conditioning.detach().double()[keep]
+    if bool((err <= bound).all()):
+        return
+    ours = err.max().item()
+    if theirs is not None:
+        if ours <= 2 * (theirs.detach().double()[keep] - o).abs().max().item():
+            return
+    raise AssertionError(f"{what}: max error {ours:.3g} vs float64 torch ({dtype})")
+
+
 def assert_close_or_no_worse(
     actual: Tensor, expected: Tensor, reference: Tensor, dtype: torch.dtype, what: str
 ) -> None:
@@ -73,27 +115,6 @@ def assert_close_or_no_worse(
         assert (
             ours <= 2 * theirs + atol * 1e-2
         ), f"{what}: max error vs float64 {ours:.3g} exceeds twice torch's {theirs:.3g}\n{mismatch}"
-
-
-def memory_format_rule(x: Tensor) -> torch.memory_format:
-    """Expected layout of outputs shaped like ``x``: channels-last stays channels-last."""
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    if (
-        x.dim() == 5
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def expected_strides(x: Tensor) -> Tuple[int, ...]:
-    return torch.empty_like(x, memory_format=memory_format_rule(x)).stride()
 
 
 @dataclass(frozen=True)
@@ -148,7 +169,7 @@ class Layout:
                 memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d
             )
         else:
-            assert not out.is_contiguous() and memory_format_rule(out) == torch.contiguous_format
+            assert not out.is_contiguous() and suggest_memory_format(out) == torch.contiguous_format
         return out
 
 

@@ -1,10 +1,9 @@
-"""torch.compile(fullgraph=True) and torch.export of models built from custom_bn modules.
+"""torch.compile(fullgraph=True) and torch.export of models built from custom_bn modules,
+compared with the same model built from torch.nn modules (same weights) in eager mode.
 
 Compilation is slow on a small CPU machine, so each test compiles one model once per mode and
 checks several steps with it.
 """
-
-import copy
 
 import pytest
 import torch
@@ -14,25 +13,37 @@ import custom_bn
 from bn_testing import DEVICES, assert_close
 
 
-def _model(momentum) -> nn.Module:
+def _model(momentum, norms=custom_bn) -> nn.Module:
+    """A small conv net; ``norms`` is the module namespace of its BatchNorms (custom_bn or nn)."""
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
-        custom_bn.BatchNorm2d(8, momentum=momentum),
+        norms.BatchNorm2d(8, momentum=momentum),
         nn.ReLU(),
         nn.Conv2d(8, 6, 3, padding=1),
-        custom_bn.BatchNorm2d(6, momentum=momentum),
+        norms.BatchNorm2d(6, momentum=momentum),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(6 * 5 * 5, 10),
-        custom_bn.BatchNorm1d(10, momentum=momentum),
+        norms.BatchNorm1d(10, momentum=momentum),
     )
+
+
+def _torch_twin(model: nn.Module, momentum) -> nn.Module:
+    """The same network with torch.nn BatchNorms and ``model``'s parameters and buffers."""
+    twin = _model(momentum, nn).to(next(model.parameters()).device)
+    twin.load_state_dict(model.state_dict())
+    return twin.train(model.training)
 
 
 def _compare_models(compiled: nn.Module, eager: nn.Module, what: str) -> None:
     for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters()):
         assert (a.grad is None) == (b.grad is None), f"{what}: grad of {name}"
         if a.grad is not None:
-            assert_close(a.grad, b.grad, torch.float32, f"{what}: grad of {name}")
+            # A conv bias followed by BatchNorm has a gradient of exactly 0 in exact arithmetic:
+            # what both sides hold is float32 rounding noise of the other gradients' size.
+            noise = 1e-5 * max(1.0, max(p.grad.abs().max().item() for p in eager.parameters()))
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=noise,
+                                       msg=lambda m: f"{what}: grad of {name}: {m}")
     for (name, a), (_, b) in zip(compiled.named_buffers(), eager.named_buffers()):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(a, b), f"{what}: {name}"
@@ -47,8 +58,8 @@ def _compare_models(compiled: nn.Module, eager: nn.Module, what: str) -> None:
     ids=["momentum0.1", "momentum_none-channels_last"],
 )
 def test_compiled_model_matches_eager(momentum, channels_last, device):
-    eager = _model(momentum).to(device)
-    model = copy.deepcopy(eager)
+    model = _model(momentum).to(device)
+    eager = _torch_twin(model, momentum)
     compiled = torch.compile(model, fullgraph=True)
     for step, training in enumerate([True, True, False]):
         eager.train(training)
@@ -82,7 +93,7 @@ def test_compiled_graph_calls_the_custom_operator():
     bn = custom_bn.BatchNorm2d(4)
     fn = torch.compile(bn, backend=backend, fullgraph=True)
     x = torch.randn(3, 4, 2, 2)
-    torch.testing.assert_close(fn(x), custom_bn.BatchNorm2d(4)(x))
+    torch.testing.assert_close(fn(x), nn.BatchNorm2d(4)(x))
     op = torch.ops.custom_bn.batch_norm_forward
     assert op in seen or op.default in seen, seen
     assert bn.num_batches_tracked.item() == 1
@@ -98,4 +109,4 @@ def test_export_eval_model_matches_eager():
     exported = torch.export.export(model, (x,))
     targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
     assert torch.ops.custom_bn.batch_norm_forward.default in targets
-    assert_close(exported.module()(x), model(x), torch.float32, "exported output")
+    assert_close(exported.module()(x), _torch_twin(model, 0.1)(x), torch.float32, "exported output")

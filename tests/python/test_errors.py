@@ -121,9 +121,18 @@ def test_functional_rejects_channel_tensor_of_wrong_length(name):
     )
 
 
-def test_functional_rejects_two_dimensional_weight():
+def test_functional_rejects_two_dimensional_running_stats_and_the_op_any_2d_tensor():
+    # torch accepts a weight/bias of any shape with C elements (so does the functional form,
+    # see test_accepted_inputs.py) but not such running stats; the operator takes [C] only.
     _assert_rejected(
-        lambda: F.batch_norm(torch.randn(4, 3), None, None, torch.ones(3, 1), training=True),
+        lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3, 1), torch.ones(3, 1), training=True),
+        RuntimeError,
+        r"running_mean must have shape \[C\]=\[3\].*got shape \[3, 1\]",
+    )
+    _assert_rejected(
+        lambda: torch.ops.custom_bn.batch_norm_forward(
+            torch.randn(4, 3), torch.ones(3, 1), None, None, None, True, 0.1, 1e-5
+        ),
         RuntimeError,
         r"weight must have shape \[C\]=\[3\].*got shape \[3, 1\]",
     )
