@@ -65,6 +65,40 @@ TEST_F(BatchNormErrors, SixDimensionalInputIsAcceptedAsByTorch) {
   EXPECT_TRUE(torch::allclose(rv, rv_ref, 1e-12, 1e-12));
 }
 
+// torch's empty (0,) input, with empty per-channel tensors (C = 0): an empty output.
+TEST_F(BatchNormErrors, EmptyOneDimensionalInputIsAcceptedAsByTorch) {
+  const auto x = torch::empty({0}, torch::requires_grad());
+  const auto empty = torch::empty({0});
+  for (bool training : {true, false}) {
+    const auto y = custom_bn::batch_norm(x, empty, empty, empty.clone(), empty.clone(), training);
+    EXPECT_EQ(y.sizes(), x.sizes());
+    EXPECT_EQ(torch::autograd::grad({y.sum()}, {x})[0].sizes(), x.sizes());
+  }
+}
+
+// As torch's forward: weight and bias of any shape with C elements; their gradients keep that
+// shape (torch's own backward fails there) and equal ATen's for the [C] views.
+TEST_F(BatchNormErrors, WeightAndBiasOfShapeCx1AreAcceptedAsByTorch) {
+  const auto x = torch::randn({4, kC, 5}, torch::kDouble).requires_grad_();
+  const auto w = (torch::rand({kC, 1}, torch::kDouble) + 0.5).requires_grad_();
+  const auto b = torch::randn({kC, 1}, torch::kDouble).requires_grad_();
+  const auto dy = torch::randn({4, kC, 5}, torch::kDouble);
+  const auto y = custom_bn::batch_norm(x, w, b, {}, {}, true);
+  const auto grads = torch::autograd::grad({y}, {x, w, b}, {dy});
+  const auto x_ref = x.detach().requires_grad_();
+  const auto w_ref = w.detach().reshape({kC}).requires_grad_();
+  const auto b_ref = b.detach().reshape({kC}).requires_grad_();
+  const auto y_ref = at::batch_norm(x_ref, w_ref, b_ref, {}, {}, true, 0.1, 1e-5, false);
+  const auto grads_ref = torch::autograd::grad({y_ref}, {x_ref, w_ref, b_ref}, {dy});
+  EXPECT_TRUE(torch::allclose(y, y_ref, 1e-12, 1e-12));
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(grads[i].reshape(grads_ref[i].sizes()), grads_ref[i], 1e-12, 1e-12))
+        << "gradient " << i;
+  }
+  EXPECT_EQ(grads[1].sizes(), w.sizes());
+  EXPECT_EQ(grads[2].sizes(), b.sizes());
+}
+
 TEST_F(BatchNormErrors, WeightOfWrongSize) {
   expect_rejected(
       [&] {
@@ -74,11 +108,13 @@ TEST_F(BatchNormErrors, WeightOfWrongSize) {
       {"weight", "[3]", "[4]"});
 }
 
+// torch takes weight and bias of any shape with C elements ([C, 1] included); C + 3 elements
+// are wrong whatever the shape.
 TEST_F(BatchNormErrors, BiasOfWrongSize) {
   expect_rejected(
       [&] {
-        custom_bn::batch_norm(input, weight, torch::zeros({kC, 1}), running_mean, running_var,
-                              true);
+        custom_bn::batch_norm(input, weight, torch::zeros({kC + 3, 1}), running_mean,
+                              running_var, true);
       },
       {"bias"});
 }
@@ -172,18 +208,38 @@ TEST_F(BatchNormErrors, SingleValuePerChannelIsFineInEvaluation) {
   const auto y_ref = at::batch_norm(x, weight, bias, running_mean, running_var, false, 0.1, 1e-5,
                                     false);
   EXPECT_TRUE(custom_bn::testing::tensors_close(y, y_ref, {1e-5, 1e-6}));
+  EXPECT_TRUE(torch::equal(running_mean, mean_before)) << "running_mean changed in evaluation";
+  EXPECT_TRUE(torch::equal(running_var, var_before)) << "running_var changed in evaluation";
 }
 
 TEST_F(BatchNormErrors, BadInputDoesNotBreakTheGraph) {
-  // A rejected call inside autograd must not leave state behind that breaks the next call.
+  // A rejected call inside autograd must not leave state behind that breaks the next call: the
+  // next call's gradients and running statistics are ATen's.
   auto x = input.clone().requires_grad_();
-  EXPECT_TRUE(throws_c10_error_mentioning(
+  auto w = weight.clone().requires_grad_();
+  auto b = bias.clone().requires_grad_();
+  expect_rejected(
       [&] {
-        custom_bn::batch_norm(x, torch::ones({kC + 1}), bias, running_mean, running_var, true);
+        custom_bn::batch_norm(x, torch::ones({kC + 1}).requires_grad_(), b, running_mean,
+                              running_var, true);
       },
-      {"weight"}));
-  custom_bn::batch_norm(x, weight, bias, running_mean, running_var, true).sum().backward();
-  EXPECT_TRUE(x.grad().defined());
+      {"weight"});
+  EXPECT_FALSE(x.grad().defined()) << "the rejected call left a gradient behind";
+  const auto grad_output = torch::randn_like(input);
+  custom_bn::batch_norm(x, w, b, running_mean, running_var, true).backward(grad_output);
+
+  auto x_ref = input.clone().requires_grad_();
+  auto w_ref = weight.clone().requires_grad_();
+  auto b_ref = bias.clone().requires_grad_();
+  auto mean_ref = mean_before.clone(), var_ref = var_before.clone();
+  at::batch_norm(x_ref, w_ref, b_ref, mean_ref, var_ref, true, 0.1, 1e-5, false)
+      .backward(grad_output);
+  const auto tol = custom_bn::testing::tolerance_for(torch::kFloat);
+  EXPECT_TRUE(custom_bn::testing::tensors_close(x.grad(), x_ref.grad(), tol)) << "input grad";
+  EXPECT_TRUE(custom_bn::testing::tensors_close(w.grad(), w_ref.grad(), tol)) << "weight grad";
+  EXPECT_TRUE(custom_bn::testing::tensors_close(b.grad(), b_ref.grad(), tol)) << "bias grad";
+  EXPECT_TRUE(custom_bn::testing::tensors_close(running_mean, mean_ref, tol)) << "running_mean";
+  EXPECT_TRUE(custom_bn::testing::tensors_close(running_var, var_ref, tol)) << "running_var";
 }
 
 }  // namespace

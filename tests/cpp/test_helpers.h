@@ -17,9 +17,14 @@ struct Tolerance {
 };
 
 // float64 is compared almost exactly; float32 allows for different summation orders over a few
-// thousand values.
+// thousand values; float16 and bfloat16 for a rounding or two of their 11 and 8 bits.
 inline Tolerance tolerance_for(torch::ScalarType dtype) {
-  return dtype == torch::kDouble ? Tolerance{1e-9, 1e-10} : Tolerance{1e-4, 1e-5};
+  switch (dtype) {
+    case torch::kDouble: return {1e-9, 1e-10};
+    case torch::kHalf: return {2e-3, 1e-3};
+    case torch::kBFloat16: return {1.6e-2, 1e-2};
+    default: return {1e-4, 1e-5};
+  }
 }
 
 // gtest assertion: same shape, dtype and values within tolerance; the message shows the worst

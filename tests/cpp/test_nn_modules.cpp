@@ -6,6 +6,7 @@
 
 #include <custom_bn/custom_bn.h>
 
+#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -41,43 +42,72 @@ void copy_state(const Mine& mine, const Theirs& theirs) {
   }
 }
 
+// Same buffers: running statistics within tolerance, num_batches_tracked exactly; a buffer one
+// module lacks (track_running_stats=false) must be lacking in the other too.
 template <typename Mine, typename Theirs>
 void expect_same_state(const Mine& mine, const Theirs& theirs, const std::string& when) {
   const auto buffers = theirs->named_buffers(false);
+  ASSERT_EQ(mine->named_buffers(false).size(), buffers.size()) << when;
   for (const auto& b : mine->named_buffers(false)) {
-    EXPECT_TRUE(tensors_close(b.value(), buffers[b.key()], kTol)) << b.key() << " " << when;
+    ASSERT_TRUE(buffers.contains(b.key())) << b.key() << " " << when;
+    const torch::Tensor& expected = buffers[b.key()];
+    ASSERT_EQ(b.value().defined(), expected.defined()) << b.key() << " " << when;
+    if (!expected.defined()) continue;
+    if (b.key() == "num_batches_tracked") {
+      EXPECT_TRUE(torch::equal(b.value(), expected))
+          << "num_batches_tracked " << when << ": " << b.value().template item<int64_t>()
+          << " vs " << expected.item<int64_t>();
+    } else {
+      EXPECT_TRUE(tensors_close(b.value(), expected, kTol)) << b.key() << " " << when;
+    }
   }
+}
+
+// One forward and backward of both modules on the same input and grad_output: output, the
+// gradients of input, weight and bias (zeroed first, so they are this call's), the memory
+// format of output and input gradient, then the state.
+template <typename Mine, typename Theirs>
+void expect_same_step(Mine& mine, Theirs& theirs, const torch::Tensor& x,
+                      const std::string& when) {
+  mine->zero_grad();
+  theirs->zero_grad();
+  auto x_mine = x.clone(torch::MemoryFormat::Preserve).requires_grad_();
+  auto x_theirs = x.clone(torch::MemoryFormat::Preserve).requires_grad_();
+  const auto y_mine = mine->forward(x_mine);
+  const auto y_theirs = theirs->forward(x_theirs);
+  ASSERT_TRUE(tensors_close(y_mine, y_theirs, kTol)) << "output " << when;
+  EXPECT_EQ(y_mine.strides(), y_theirs.strides()) << "output strides " << when;
+  const auto grad_output = torch::randn_like(y_theirs);
+  y_mine.backward(grad_output);
+  y_theirs.backward(grad_output);
+  ASSERT_TRUE(x_theirs.grad().defined());
+  EXPECT_TRUE(tensors_close(x_mine.grad(), x_theirs.grad(), kTol)) << "input grad " << when;
+  EXPECT_EQ(x_mine.grad().strides(), x_theirs.grad().strides()) << "input grad strides " << when;
+  const auto params = theirs->named_parameters(false);
+  for (const auto& p : mine->named_parameters(false)) {
+    if (!p.value().defined()) continue;
+    ASSERT_TRUE(params[p.key()].grad().defined()) << p.key() << " " << when;
+    EXPECT_TRUE(tensors_close(p.value().grad(), params[p.key()].grad(), kTol))
+        << p.key() << " grad " << when;
+  }
+  expect_same_state(mine, theirs, when);
 }
 
 // Several training steps, then evaluation, comparing outputs, gradients and state each time.
 template <typename Mine, typename Theirs>
-void expect_module_parity(Mine mine, Theirs theirs, const std::vector<int64_t>& shape) {
+void expect_module_parity(Mine mine, Theirs theirs, const std::vector<int64_t>& shape,
+                          bool channels_last = false) {
   copy_state(mine, theirs);
+  auto input = [&](double scale) {
+    const auto x = channel_varied_input(shape, torch::kFloat) * scale;
+    return channels_last ? x.contiguous(torch::MemoryFormat::ChannelsLast) : x;
+  };
   for (int step = 0; step < 3; ++step) {
-    const std::string when = "after training step " + std::to_string(step);
-    const auto x = channel_varied_input(shape, torch::kFloat) * (step + 1);
-    auto x_mine = x.clone().requires_grad_();
-    auto x_theirs = x.clone().requires_grad_();
-    const auto y_mine = mine->forward(x_mine);
-    const auto y_theirs = theirs->forward(x_theirs);
-    ASSERT_TRUE(tensors_close(y_mine, y_theirs, kTol)) << "output " << when;
-    const auto grad_output = torch::randn_like(y_theirs);
-    y_mine.backward(grad_output);
-    y_theirs.backward(grad_output);
-    EXPECT_TRUE(tensors_close(x_mine.grad(), x_theirs.grad(), kTol)) << "input grad " << when;
-    const auto params = theirs->named_parameters(false);
-    for (const auto& p : mine->named_parameters(false)) {
-      if (!p.value().defined()) continue;
-      EXPECT_TRUE(tensors_close(p.value().grad(), params[p.key()].grad(), kTol))
-          << p.key() << " grad " << when;
-    }
-    expect_same_state(mine, theirs, when);
+    expect_same_step(mine, theirs, input(step + 1), "in training step " + std::to_string(step));
   }
   mine->eval();
   theirs->eval();
-  const auto x = channel_varied_input(shape, torch::kFloat);
-  EXPECT_TRUE(tensors_close(mine->forward(x), theirs->forward(x), kTol)) << "eval output";
-  expect_same_state(mine, theirs, "after evaluation");
+  expect_same_step(mine, theirs, input(1), "in evaluation");
 }
 
 struct ModuleCase {
@@ -119,14 +149,8 @@ TEST_P(ModuleParity, BatchNorm2dMatchesTorchNN) {
 }
 
 TEST_P(ModuleParity, BatchNorm2dChannelsLastMatchesTorchNN) {
-  // channels-last input through the module
-  custom_bn::nn::BatchNorm2d mine(options(4));
-  torch::nn::BatchNorm2d theirs(options(4));
-  copy_state(mine, theirs);
-  const auto x = channel_varied_input({3, 4, 5, 5}, torch::kFloat)
-                     .contiguous(torch::MemoryFormat::ChannelsLast);
-  EXPECT_TRUE(tensors_close(mine->forward(x), theirs->forward(x), kTol));
-  expect_same_state(mine, theirs, "after a channels-last step");
+  expect_module_parity(custom_bn::nn::BatchNorm2d(options(4)),
+                       torch::nn::BatchNorm2d(options(4)), {3, 4, 5, 5}, /*channels_last=*/true);
 }
 
 TEST_P(ModuleParity, BatchNorm1dMatchesTorchNNOn2dInput) {
@@ -228,6 +252,36 @@ TEST(Modules, PrettyPrint) {
             "track_running_stats=true)");
 }
 
+// Clones of a module's parameters and buffers, to compare its state with after a call.
+using StateSnapshot = std::map<std::string, torch::Tensor>;
+
+StateSnapshot snapshot(const torch::nn::Module& m) {
+  StateSnapshot state;
+  for (const auto& p : m.named_parameters()) {
+    if (p.value().defined()) state[p.key()] = p.value().detach().clone();
+  }
+  for (const auto& b : m.named_buffers()) {
+    if (b.value().defined()) state[b.key()] = b.value().clone();
+  }
+  return state;
+}
+
+// Every parameter and buffer (running statistics, num_batches_tracked) bit for bit as before.
+::testing::AssertionResult state_unchanged(const torch::nn::Module& m,
+                                           const StateSnapshot& before) {
+  const StateSnapshot now = snapshot(m);
+  if (now.size() != before.size()) {
+    return ::testing::AssertionFailure() << "the module has " << now.size() << " tensors, had "
+                                         << before.size();
+  }
+  for (const auto& [name, value] : now) {
+    if (!before.count(name) || !torch::equal(value, before.at(name))) {
+      return ::testing::AssertionFailure() << name << " changed";
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
 // A rejected forward leaves every piece of module state as it was. torch::nn increments
 // num_batches_tracked before the call that fails; custom_bn must not.
 class ModuleRejects : public ::testing::Test {
@@ -236,18 +290,14 @@ class ModuleRejects : public ::testing::Test {
     torch::manual_seed(4);
     bn = custom_bn::nn::BatchNorm2d(torch::nn::BatchNormOptions(3).momentum(std::nullopt));
     bn->forward(channel_varied_input({4, 3, 2, 2}, torch::kFloat));
-    mean_before = bn->running_mean.clone();
-    var_before = bn->running_var.clone();
+    ASSERT_EQ(bn->num_batches_tracked.item<int64_t>(), 1);
+    before = snapshot(*bn);
   }
 
-  void expect_unchanged() {
-    EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 1) << "num_batches_tracked changed";
-    EXPECT_TRUE(torch::equal(bn->running_mean, mean_before)) << "running_mean changed";
-    EXPECT_TRUE(torch::equal(bn->running_var, var_before)) << "running_var changed";
-  }
+  void expect_unchanged() { EXPECT_TRUE(state_unchanged(*bn, before)); }
 
   custom_bn::nn::BatchNorm2d bn{nullptr};
-  torch::Tensor mean_before, var_before;
+  StateSnapshot before;
 };
 
 TEST_F(ModuleRejects, WrongChannelCount) {
@@ -277,14 +327,15 @@ TEST_F(ModuleRejects, WrongDimensionality) {
 TEST(Modules, DimensionChecksPerModule) {
   custom_bn::nn::BatchNorm1d bn1(3);
   custom_bn::nn::BatchNorm3d bn3(3);
+  const StateSnapshot bn1_before = snapshot(*bn1), bn3_before = snapshot(*bn3);
   EXPECT_TRUE(throws_c10_error_mentioning([&] { bn1->forward(torch::randn({2, 3, 4, 4})); },
                                           {"BatchNorm1d", "2-D", "3-D", "4-D"}));
   EXPECT_TRUE(throws_c10_error_mentioning([&] { bn1->forward(torch::randn({3})); },
                                           {"BatchNorm1d", "1-D"}));
   EXPECT_TRUE(throws_c10_error_mentioning([&] { bn3->forward(torch::randn({2, 3, 4, 4})); },
                                           {"BatchNorm3d", "5-D", "4-D"}));
-  EXPECT_EQ(bn1->num_batches_tracked.item<int64_t>(), 0);
-  EXPECT_EQ(bn3->num_batches_tracked.item<int64_t>(), 0);
+  EXPECT_TRUE(state_unchanged(*bn1, bn1_before));
+  EXPECT_TRUE(state_unchanged(*bn3, bn3_before));
 }
 
 }  // namespace

@@ -1,13 +1,15 @@
 #pragma once
-// One emulated forward + backward of the CUDA operators, checked against the CPU kernels
-// (custom_bn::batch_norm_forward/backward on CPU) and against ATen in float64
-// (at::native_batch_norm / at::native_batch_norm_backward): outputs, saved statistics, running
-// statistics, all requested gradients, and the memory format of every result.
+// One emulated forward + backward of the CUDA operators and the same calls on the CPU kernels
+// (custom_bn::batch_norm_forward/backward on CPU), each checked directly against ATen in float64
+// (at::native_batch_norm / at::native_batch_norm_backward) within a per-dtype bound: outputs,
+// saved statistics, running statistics, all requested gradients, and the memory format of
+// every result.
 #include <ATen/core/ScalarType.h>
 #include <gtest/gtest.h>
 
 #include <array>
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -35,6 +37,9 @@ struct ParityCase {
 
   std::string name() const;
 };
+
+// gtest prints a failing case by its name rather than as bytes.
+inline void PrintTo(const ParityCase& c, std::ostream* os) { *os << c.name(); }
 
 // Success, or every mismatch found (an EmulatorError is reported as a failure too).
 ::testing::AssertionResult check_parity(const ParityCase& c);

@@ -139,7 +139,7 @@ std::vector<ParityCase> argument_cases() {
     for (at::ScalarType dtype : {at::kFloat, at::kHalf}) {
       for (bool training : {true, false}) {
         ParityCase no_affine = make_case(l, dtype, dtype, training, many_splits(), i++);
-        no_affine.affine = false;  // the gradients then take the input's dtype
+        no_affine.affine = false;  // the parameter gradients then take the accumulation dtype
         cases.push_back(no_affine);
 
         ParityCase strided = make_case(l, dtype, at::kFloat, training, two_warp_splits(), i++);
