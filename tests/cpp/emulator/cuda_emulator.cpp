@@ -29,6 +29,25 @@
 #include <ucontext.h>
 #endif
 
+// Under AddressSanitizer (make test-sanitize) every switch between the scheduler's stack and a
+// fiber's is announced to it: otherwise it takes fiber frames for wild accesses to the thread's
+// stack, an exception thrown on a fiber unpoisons the wrong stack, and the redzones of a kernel
+// abandoned half-way stay poisoned when its fiber is reused.
+#if defined(__SANITIZE_ADDRESS__)
+#define CBN_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CBN_EMU_ASAN 1
+#endif
+#endif
+#ifndef CBN_EMU_ASAN
+#define CBN_EMU_ASAN 0
+#endif
+#if CBN_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 namespace custom_bn {
 namespace dev {
 namespace emu {
@@ -94,6 +113,13 @@ struct Context {
 #else
   ucontext_t uc;
 #endif
+#if CBN_EMU_ASAN
+  // The stack this context runs on (the scheduler's is learned at every switch to a fiber: a
+  // launch may come from any host thread) and ASan's fake stack while it is switched out.
+  const void* stack_bottom = nullptr;
+  size_t stack_size = 0;
+  void* fake_stack = nullptr;
+#endif
 };
 
 // Kernel frames are shallow; the generous size costs only address space, and the guard page
@@ -119,6 +145,10 @@ struct Fiber {
     if (m == MAP_FAILED) throw std::bad_alloc();
     mapping = static_cast<unsigned char*>(m);
     mprotect(mapping, page, PROT_NONE);
+#if CBN_EMU_ASAN
+    context.stack_bottom = mapping + page;
+    context.stack_size = kStackBytes;
+#endif
     reset();
   }
   ~Fiber() { munmap(mapping, mapping_bytes); }
@@ -128,6 +158,11 @@ struct Fiber {
   // Makes the next switch to this fiber start fiber_main afresh (also abandons a kernel that
   // was stopped half-way; kernel frames own no resources).
   void reset() {
+#if CBN_EMU_ASAN
+    const size_t stack_page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    ASAN_UNPOISON_MEMORY_REGION(mapping + stack_page, kStackBytes);
+    context.fake_stack = nullptr;
+#endif
 #if CBN_EMU_ASM_SWITCH
     auto top = reinterpret_cast<uintptr_t>(mapping + mapping_bytes) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top);
@@ -150,11 +185,29 @@ struct Fiber {
   }
 };
 
+#if CBN_EMU_ASAN
+// On arrival in `here`: completes the switch for ASan, which tells the bounds of the stack left,
+// `from`'s (the only context that ever switches to a fiber is the scheduler and the reverse).
+void arrived(Context& here, Context& from) {
+  const void* bottom = nullptr;
+  size_t size = 0;
+  __sanitizer_finish_switch_fiber(here.fake_stack, &bottom, &size);
+  from.stack_bottom = bottom;
+  from.stack_size = size;
+}
+#endif
+
 void switch_context(Context& save, Context& load) {
+#if CBN_EMU_ASAN
+  __sanitizer_start_switch_fiber(&save.fake_stack, load.stack_bottom, load.stack_size);
+#endif
 #if CBN_EMU_ASM_SWITCH
   cbn_emu_switch_context(&save.sp, load.sp);
 #else
   swapcontext(&save.uc, &load.uc);
+#endif
+#if CBN_EMU_ASAN
+  arrived(save, load);
 #endif
 }
 
@@ -329,6 +382,9 @@ void suspend(EmulatedThread& t) {
 }
 
 [[noreturn]] void fiber_main() {
+#if CBN_EMU_ASAN
+  arrived(engine().running->fiber->context, engine().scheduler);  // a fresh start
+#endif
   for (;;) {
     Engine& e = engine();
     EmulatedThread* t = e.running;
