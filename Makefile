@@ -18,7 +18,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: setup build build-python build-cmake test test-cpp test-python test-sanitize demo bench bench-cpp clean
+.PHONY: setup build build-python build-cmake test test-cpp test-python test-large test-sanitize mutation demo bench bench-cpp clean
 
 setup: $(SETUP_STAMP)
 	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
@@ -50,7 +50,7 @@ test-python: build-python
 
 test: test-cpp test-python
 
-# Opt-in, not in `make test`: an input of more than 2**31 elements (~13 GB of memory, minutes).
+# Opt-in, not in `make test`: an input of more than 2**31 elements (~18 GB of memory, ~5 minutes).
 test-large: build-python
 	$(PY) -m pytest tests/large -q
 
@@ -72,6 +72,12 @@ test-sanitize: setup
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(SANITIZE_BUILD) -j $(MAX_JOBS)
 	cd $(SANITIZE_BUILD) && $(SANITIZE_ENV) ctest --output-on-failure -E '^installed_package_example$$'
+
+# On demand, not in `make test` (~30 min): each deliberate bug of tests/mutation/mutants.py is
+# applied to a scratch copy of the tree (/tmp/custom_bn-mutation), rebuilt and tested; fails if
+# any survives. MUTANTS=id1 id2 ... runs only those.
+mutation: setup
+	nice $(PY) tests/mutation/run.py $(MUTANTS)
 
 demo: build-python
 	$(PY) examples/train_digits.py

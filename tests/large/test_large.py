@@ -1,4 +1,4 @@
-"""Inputs of more than 2**31 elements (opt-in: ``make test-large``; ~13 GB of memory).
+"""Inputs of more than 2**31 elements (opt-in: ``make test-large``; ~18 GB of memory).
 
 Indices past 2**31 must not wrap anywhere (offsets, chunk and piece arithmetic, counts). The
 input is float16 to keep it at 4 GiB per tensor; the float64 reference statistics and outputs are
@@ -59,6 +59,15 @@ def test_forward_backward_and_running_stats_past_int32(big_input: torch.Tensor) 
     mean64, var64 = _channel_stats64(x)
     invstd64 = (var64 + 1e-5).rsqrt()
 
+    def expected_y(s):
+        return (x[:, :, s].double() - mean64.view(1, C, 1)) * invstd64.view(1, C, 1)
+
+    # torch's own float16 result, for the record: its float32 running sums over 2**29 values per
+    # channel lose the mean (measured: off by up to 5.8 in y). Freed before ours runs.
+    y_torch = torch_F.batch_norm(x, None, None, training=True)
+    torch_error = _max_error(y_torch, expected_y, L)
+    del y_torch
+
     rm, rv = torch.zeros(C), torch.ones(C)
     x_leaf = x.detach().requires_grad_()
     y = F.batch_norm(x_leaf, rm, rv, training=True, momentum=0.5)
@@ -71,18 +80,11 @@ def test_forward_backward_and_running_stats_past_int32(big_input: torch.Tensor) 
     torch.testing.assert_close(rm.double(), 0.5 * mean64, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rv.double(), 0.5 + 0.5 * var64 * count / (count - 1), rtol=1e-6, atol=0)
 
-    def expected_y(s):
-        return (x[:, :, s].double() - mean64.view(1, C, 1)) * invstd64.view(1, C, 1)
-
-    # float16 output: half an ulp of values up to ~5 is 2**-9.
-    assert _max_error(y, expected_y, L) <= 2.0**-9
-
-    # The same as torch's own float16 result (within one float16 rounding of each other).
-    y_torch = torch_F.batch_norm(x, None, None, training=True)
-    worst = max((y[:, :, s].double() - y_torch[:, :, s].double()).abs().max().item()
-                for s in _slices(L))
-    del y_torch
-    assert worst <= 2.0**-8
+    # float16 output: half an ulp of values up to ~5 is 2**-9; never worse than torch.
+    ours_error = _max_error(y, expected_y, L)
+    print(f"max output error vs float64: custom_bn {ours_error:.3g}, torch {torch_error:.3g}")
+    assert ours_error <= 2.0**-9
+    assert ours_error <= torch_error or torch_error <= 2.0**-9
 
     # Backward with dy = x: dx = invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
     dy = x

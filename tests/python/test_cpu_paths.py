@@ -24,6 +24,7 @@ CASES = [
     ((3, 5, 9000), False),  # C = 5: pieces longer than a statistics chunk
     ((4, 64, 12, 12), False),  # many short planes
     ((1, 4, 5000), False),  # N = 1: a plane of a chunk and a tail (cut further with 2-3 threads)
+    ((1, 2, 9001), False),  # planes cut into pieces of a length that does not divide them
     ((8, 64, 20, 20), True),  # tiles of row ranges
     ((4, 3, 40, 40), True),  # C narrower than a vector
     ((2, 2500, 3, 3), True),  # several channel blocks

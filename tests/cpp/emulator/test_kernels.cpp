@@ -9,9 +9,11 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <regex>
 #include <set>
@@ -22,6 +24,7 @@
 #include "cuda/launch_config.h"
 #include "emulated_batch_norm.h"
 #include "emulator_test_util.h"
+#include "ops/batch_norm.h"
 #include "parity.h"
 
 namespace custom_bn {
@@ -248,6 +251,35 @@ TEST(EmulatedLaunches, EmptyBatch) {
       batch_norm_backward(d, x, x, {}, mean2, invstd2, true, {true, true, true});
   EXPECT_EQ(dx.sizes(), x.sizes());
   EXPECT_TRUE(dw.eq(0).all().item<bool>());
+}
+
+// A NaN reaches the statistics of its channel only, as in torch: save_mean, save_invstd and the
+// running stats of that channel are NaN (no clamp of the variance at 0 may swallow it), every
+// other channel equals the CPU kernel's. Both layouts, on the GPU's configuration and on a device
+// that splits each channel over many blocks.
+TEST(EmulatedLaunches, NaNReachesItsChannelsStatisticsOnly) {
+  for (const EmulatedDevice& d : {gpu_defaults(), many_splits()}) {
+    for (bool channels_last : {false, true}) {
+      at::Tensor x = at::randn({4, 3, 7, 9});
+      x[1][1][2][3] = std::numeric_limits<float>::quiet_NaN();
+      if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+      at::Tensor rm = at::zeros({3}), rv = at::ones({3});
+      at::Tensor rm_cpu = rm.clone(), rv_cpu = rv.clone();
+      const auto [y, mean, invstd] = batch_norm_forward(d, x, {}, {}, rm, rv, true, 0.1, 1e-5);
+      const auto [y_cpu, mean_cpu, invstd_cpu] =
+          custom_bn::batch_norm_forward(x, {}, {}, rm_cpu, rv_cpu, true, 0.1, 1e-5);
+      for (const at::Tensor& t : {mean, invstd, rm, rv}) {
+        EXPECT_TRUE(std::isnan(t[1].item<float>())) << (channels_last ? "channels_last" : "");
+      }
+      const at::Tensor others = at::tensor({0, 2});
+      const std::vector<std::pair<at::Tensor, at::Tensor>> pairs = {
+          {mean, mean_cpu}, {invstd, invstd_cpu}, {rm, rm_cpu}, {rv, rv_cpu}};
+      for (const auto& [ours, cpu] : pairs) {
+        EXPECT_TRUE(close("channels 0 and 2", ours.index_select(0, others),
+                          cpu.index_select(0, others), tolerance_for(at::kFloat)));
+      }
+    }
+  }
 }
 
 // Many channels: the per-channel eval kernel's grid-stride loop goes round more than once.

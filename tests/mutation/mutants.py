@@ -1,0 +1,211 @@
+"""Deliberate bugs that the test suite must catch (run by tests/mutation/run.py).
+
+Each mutant replaces one exact snippet of one source file (the snippet must occur exactly once,
+so the list fails loudly instead of rotting when the code changes) and names the test commands
+that should catch it, tried in order until one fails:
+
+  "pytest <args>"    pytest -x -q <args>, run in the scratch copy (PYTHONPATH=<copy>/python)
+                     against a CPU-only build of custom_bn._C;
+  "emulator <args>"  the emulated CUDA kernel suite (custom_bn_emulator_tests, CMake
+                     WITH_CUDA=OFF), which compares kernels/cuda/*.cuh run on the CPU with the
+                     CPU kernels and ATen.
+
+Snippets are matched character for character, indentation and line breaks included.
+"""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str  # relative to the repository root
+    original: str  # must occur exactly once in `file`
+    replacement: str
+    description: str
+    tests: Tuple[str, ...]  # commands, tried in order; the first that fails catches it
+
+
+PARITY = "pytest tests/python/test_parity.py"
+CPU_PATHS = "pytest tests/python/test_cpu_paths.py"
+AUTOGRAD = "pytest tests/python/test_autograd.py"
+MODULES = "pytest tests/python/test_modules.py"
+EMULATOR = "emulator"
+
+CUH = "kernels/cuda/batch_norm_kernel.cuh"
+MATH = "kernels/common/batch_norm_math.h"
+KERNEL = "kernels/cpu/batch_norm_kernel.cpp"
+OPERATOR = "kernels/cpu/batch_norm_cpu.cpp"
+AUTOGRAD_CPP = "csrc/autograd/batch_norm.cpp"
+
+MUTANTS = [
+    # ---------------------------------------------------------------- CUDA kernel bodies
+    Mutant(
+        "cuda-dx-drop-kc",
+        CUH,
+        "(static_cast<acc_t>(input[off]) - k.mean) * k.k_x + k.k_c);",
+        "(static_cast<acc_t>(input[off]) - k.mean) * k.k_x);",
+        "CUDA backward_element: grad_input without the -w*invstd*mean(dy) term",
+        (EMULATOR,),
+    ),
+    Mutant(
+        "cuda-contiguous-nc-swapped",
+        CUH,
+        "const index_t base = (n * C + c) * HW;",
+        "const index_t base = (c * N + n) * HW;",
+        "CUDA for_each_contiguous: (N, C) strides swapped, sample n of channel c at (c*N + n)*HW",
+        (EMULATOR,),
+    ),
+    Mutant(
+        "cuda-cl-partial-index",
+        CUH,
+        "v = Op::combine(v, Op::load(partial, slots, int64_t(j) * C + c));",
+        "v = Op::combine(v, Op::load(partial, slots, int64_t(c) * splits + j));",
+        "CUDA reduce_channels_last: last block reads the partials in the contiguous kernels' "
+        "order (c*splits + j) instead of the order they were written (j*C + c)",
+        (EMULATOR,),
+    ),
+    Mutant(
+        "cuda-running-var-stride",
+        CUH,
+        "param_t& rv = running_var[c * running_var_stride];",
+        "param_t& rv = running_var[c];",
+        "CUDA collect_stats finalize: strided running_var treated as contiguous",
+        (EMULATOR,),
+    ),
+    Mutant(
+        "cuda-nan-clamped",
+        CUH,
+        "const acc_t var = s.m2 / s.count;",
+        "const acc_t var = (s.m2 > acc_t(0) ? s.m2 : acc_t(0)) / s.count;",
+        "CUDA collect_stats finalize: max(0, M2) clamp turns a NaN variance into 0",
+        (EMULATOR,),
+    ),
+    # ---------------------------------------------------------------- shared math (CPU + CUDA)
+    Mutant(
+        "common-dx-drop-kx",
+        MATH,
+        "return {k_dy, k_x, -k_dy * sum_dy * inv_n, mean};",
+        "return {k_dy, acc_t(0), -k_dy * sum_dy * inv_n, mean};",
+        "fold_backward: training grad_input without the (x - mean)*sum(dy*(x - mean)) term",
+        (PARITY, AUTOGRAD, EMULATOR),
+    ),
+    Mutant(
+        "common-momentum-reversed",
+        MATH,
+        "return running * (acc_t(1) - momentum) + batch * momentum;",
+        "return running * momentum + batch * (acc_t(1) - momentum);",
+        "running_update: momentum applied the wrong way round, r = m*r + (1-m)*batch",
+        (PARITY, MODULES, EMULATOR),
+    ),
+    Mutant(
+        "welford-merge-drop-cross-term",
+        "kernels/common/welford.h",
+        "r.m2 = a.m2 + b.m2 + delta * delta * a.count * b_share;",
+        "r.m2 = a.m2 + b.m2;",
+        "welford_merge (Chan): M2 of the merge without the delta^2*na*nb/n between-parts term",
+        (PARITY, CPU_PATHS, EMULATOR),
+    ),
+    # ---------------------------------------------------------------- CPU kernels
+    Mutant(
+        "cpu-fused-dx-drop-kc",
+        KERNEL,
+        "affine_run(dx + p, dy + p, a.training ? x + p : nullptr, k.k_dy, k.k_c, k.mean, k.k_x,",
+        "affine_run(dx + p, dy + p, a.training ? x + p : nullptr, k.k_dy, acc_t(0), k.mean, k.k_x,",
+        "CPU whole-channel backward: grad_input without the -w*invstd*mean(dy) term",
+        (CPU_PATHS,),
+    ),
+    Mutant(
+        "cpu-running-var-stride",
+        OPERATOR,
+        "const int64_t sm = running_mean.stride(0), sv = running_var.stride(0);",
+        "const int64_t sm = running_mean.stride(0), sv = 1;",
+        "CPU running-stat update: strided running_var treated as contiguous",
+        (CPU_PATHS, PARITY),
+    ),
+    Mutant(
+        "cpu-weight-stride",
+        OPERATOR,
+        "if (t->scalar_type() == acc && t->is_contiguous()) return *t;",
+        "if (t->scalar_type() == acc) return *t;",
+        "CPU channel_values: a strided weight/bias/running stat passed on as if contiguous",
+        (CPU_PATHS, PARITY),
+    ),
+    Mutant(
+        "cpu-grad-chunk-end-off-by-one",
+        "kernels/cpu/contiguous.h",
+        "const int64_t end = std::min(n, off + kChunk);",
+        "const int64_t end = std::min(n, off + kChunk - 1);",
+        "CPU run_grad_sums: each full 4096-value chunk ends one early (runs with H*W > chunk "
+        "lose a value per chunk)",
+        (CPU_PATHS, PARITY),
+    ),
+    Mutant(
+        "cpu-piece-offset-from-task",
+        "kernels/cpu/contiguous.h",
+        "if (len > 0) f(t, run * g.hw + off, len, channel);",
+        "if (len > 0) f(t, t * p.length, len, channel);",
+        "CPU for_each_piece: piece offset computed as task*length (wrong when H*W is not a "
+        "multiple of the piece length)",
+        (CPU_PATHS, PARITY),
+    ),
+    Mutant(
+        "cpu-cl-tile-channel-offset",
+        "kernels/cpu/channels_last.h",
+        "const Pair gv = IO::load(dy + i * g.c + c0 + c, count);",
+        "const Pair gv = IO::load(dy + i * g.c + c, count);",
+        "CPU tile_grad_sums: dy read without the channel block's offset c0 (C > 1024)",
+        (CPU_PATHS, PARITY),
+    ),
+    Mutant(
+        "cpu-running-var-biased",
+        OPERATOR,
+        "const acc_t unbiased = acc_t(unbiased_variance(var[c], count));",
+        "const acc_t unbiased = acc_t(var[c]);",
+        "CPU running-stat update: biased batch variance instead of n/(n-1) * var",
+        (PARITY, MODULES),
+    ),
+    Mutant(
+        "cpu-eps-outside-sqrt",
+        KERNEL,
+        "static_cast<acc_t*>(a.invstd)[c] = acc_t(1.0 / std::sqrt(var + a.eps));",
+        "static_cast<acc_t*>(a.invstd)[c] = acc_t(1.0 / (std::sqrt(var) + a.eps));",
+        "CPU training invstd = 1/(sqrt(var) + eps) instead of 1/sqrt(var + eps)",
+        (PARITY, CPU_PATHS),
+    ),
+    Mutant(
+        "cpu-eval-uses-batch-stats",
+        OPERATOR,
+        "save_invstd.data_ptr(), var.data(), training, eps});",
+        "save_invstd.data_ptr(), var.data(), true, eps});",
+        "CPU forward: evaluation mode normalizes with the batch statistics",
+        (PARITY, MODULES),
+    ),
+    Mutant(
+        "cpu-nan-clamped",
+        KERNEL,
+        "const double var = s.m2 < 0 ? 0.0 : s.m2 / s.count;",
+        "const double var = std::max(0.0, s.m2) / s.count;",
+        "CPU store_batch_stats: std::max(0, M2) clamp turns a NaN variance into 0",
+        (CPU_PATHS,),
+    ),
+    # ---------------------------------------------------------------- double backward
+    Mutant(
+        "autograd-dx-drop-mean-dy",
+        AUTOGRAD_CPP,
+        "g = dy - dy.mean(reduce_dims, true) - xhat * (dy * xhat).mean(reduce_dims, true);",
+        "g = dy - xhat * (dy * xhat).mean(reduce_dims, true);",
+        "differentiable backward (create_graph): grad_input without the -mean(dy) term",
+        (AUTOGRAD,),
+    ),
+    Mutant(
+        "autograd-invstd-detached",
+        AUTOGRAD_CPP,
+        "invstd = (var + eps).rsqrt();",
+        "invstd = save_invstd.reshape(channel_shape);",
+        "differentiable backward: training invstd taken from save_invstd (a constant), so "
+        "second-order terms through the variance are lost",
+        (AUTOGRAD,),
+    ),
+]
