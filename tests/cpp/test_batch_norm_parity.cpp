@@ -17,6 +17,7 @@ namespace {
 
 using custom_bn::testing::channel_varied_input;
 using custom_bn::testing::channels_last_format;
+using custom_bn::testing::opt;
 using custom_bn::testing::tensors_close;
 using custom_bn::testing::tolerance_for;
 
@@ -108,10 +109,6 @@ struct Args {
     return out;
   }
 };
-
-std::optional<torch::Tensor> opt(const torch::Tensor& t) {
-  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
-}
 
 torch::Tensor run_custom(Args& a, bool training) {
   return custom_bn::batch_norm(a.input, opt(a.weight), opt(a.bias), opt(a.running_mean),

@@ -23,6 +23,7 @@ namespace {
 
 using custom_bn::testing::channel_varied_input;
 using custom_bn::testing::channels_last_format;
+using custom_bn::testing::opt;
 using custom_bn::testing::tensors_close;
 using custom_bn::testing::tolerance_for;
 
@@ -110,10 +111,6 @@ JobResults run(const JobInputs& in, torch::ScalarType dtype, torch::ScalarType p
     r.steps.push_back(step);
   }
   return r;
-}
-
-std::optional<torch::Tensor> opt(const torch::Tensor& t) {
-  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
 }
 
 JobResults run_custom(const Job& job, const JobInputs& in) {

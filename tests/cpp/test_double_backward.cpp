@@ -19,6 +19,7 @@ namespace {
 
 using custom_bn::testing::channel_varied_input;
 using custom_bn::testing::channels_last_format;
+using custom_bn::testing::opt;
 using custom_bn::testing::tensors_close;
 
 constexpr double kMomentum = 0.3;
@@ -96,10 +97,6 @@ struct Leaves {
     return out;
   }
 };
-
-std::optional<torch::Tensor> opt(const torch::Tensor& t) {
-  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
-}
 
 using BatchNorm = std::function<torch::Tensor(const Leaves&, bool training)>;
 

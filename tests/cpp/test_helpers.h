@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <initializer_list>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -67,6 +68,11 @@ inline torch::Tensor channel_varied_input(std::vector<int64_t> shape, torch::Sca
   const auto scale = torch::linspace(0.5, 3.0, shape[1], opts).reshape(channel_shape);
   const auto shift = torch::linspace(-2.0, 5.0, shape[1], opts).reshape(channel_shape);
   return torch::randn(shape, opts) * scale + shift;
+}
+
+// An optional tensor argument from a tensor that may be undefined (nullopt then).
+inline std::optional<torch::Tensor> opt(const torch::Tensor& t) {
+  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
 }
 
 inline torch::MemoryFormat channels_last_format(int64_t dim) {

@@ -213,7 +213,9 @@ TEST(Modules, CheckpointsExchangeWithTorchNN) {
   in.load_from(stream);
   mine->load(in);
   EXPECT_TRUE(torch::equal(mine->weight, theirs->weight));
+  EXPECT_TRUE(torch::equal(mine->bias, theirs->bias));
   EXPECT_TRUE(torch::equal(mine->running_mean, theirs->running_mean));
+  EXPECT_TRUE(torch::equal(mine->running_var, theirs->running_var));
   EXPECT_EQ(mine->num_batches_tracked.item<int64_t>(), 1);
 
   mine->eval();
