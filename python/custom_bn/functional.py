@@ -18,10 +18,6 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    *,
-    activation: str = "identity",
-    activation_param: Optional[float] = None,
-    residual: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Batch normalization over the channel dimension, a drop-in for
     :func:`torch.nn.functional.batch_norm`.
@@ -43,17 +39,7 @@ def batch_norm(
     ``C``) normalize ``input`` and, when given, ``running_mean`` / ``running_var`` are updated in
     place: ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased. In
     evaluation mode (``training=False``) the running statistics normalize ``input``.
-
-    ``activation``, ``activation_param`` and ``residual`` are reserved for the fused
-    BN + activation variants; only their defaults are accepted here.
     """
-    if activation != "identity" or activation_param is not None or residual is not None:
-        raise NotImplementedError(
-            "custom_bn.functional.batch_norm: fused activation/residual is not supported yet; "
-            f"expected activation='identity', activation_param=None, residual=None, got "
-            f"activation={activation!r}, activation_param={activation_param!r}, "
-            f"residual={'None' if residual is None else 'a tensor'}"
-        )
     if input.dim() == 1 and input.numel() == 0:
         # torch's empty (0,) input: zero channels; the operators take it as (0, 0).
         output = batch_norm(

@@ -1,6 +1,7 @@
 """Bad input: a clear error naming the argument, and every buffer left exactly as it was."""
 
 import copy
+import inspect
 from typing import Callable, Optional, Type
 
 import pytest
@@ -413,15 +414,16 @@ def test_backward_op_rejects_mismatched_arguments():
         bwd(torch.randn(4, 3, 5), x, None, mean, invstd.double(), True, 1e-5, mask)
 
 
-# ---------------------------------------------------------------- extras not in this release
+# ---------------------------------------------------------------- signature
 
 
-def test_fused_activation_arguments_are_not_accepted_yet():
-    x = torch.randn(4, 3)
-    for kwargs in (
-        {"activation": "relu"},
-        {"activation_param": 0.1},
-        {"residual": torch.randn(4, 3)},
-    ):
-        with pytest.raises(NotImplementedError, match="activation='identity'"):
-            F.batch_norm(x, None, None, training=True, **kwargs)
+def test_functional_signature_is_torchs():
+    """No keyword torch.nn.functional.batch_norm lacks (fused activation/residual arguments
+    come with the fused operators): an unknown keyword is a TypeError, as in torch."""
+    ours = inspect.signature(F.batch_norm).parameters
+    theirs = inspect.signature(TF.batch_norm).parameters
+    assert list(ours) == list(theirs)
+    assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
+    for kwargs in ({"activation": "relu"}, {"residual": torch.randn(4, 3)}):
+        with pytest.raises(TypeError):
+            F.batch_norm(torch.randn(4, 3), None, None, training=True, **kwargs)
