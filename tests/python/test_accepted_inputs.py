@@ -123,6 +123,16 @@ def test_channel_count_zero_is_accepted_with_empty_per_channel_tensors():
     assert torch_F.batch_norm(x, torch.empty(0), torch.empty(0), training=True).shape == x.shape
 
 
+@pytest.mark.parametrize("shape", [(2, 0), (0, 0), (2, 0, 3)])
+def test_channel_count_zero_in_evaluation(shape):
+    """Found by the property suite: C = 0 in evaluation mode divided by zero in the CPU tiling
+    (SIGFPE, the process died)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    rm, rv = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    y = F.batch_norm(x, rm, rv, training=False)
+    assert y.shape == torch_F.batch_norm(x, rm, rv, training=False).shape == x.shape
+
+
 def test_empty_input_arguments_are_still_checked():
     """The deliberate difference: torch checks nothing when the input is empty."""
     x = torch.randn(0, 3)
