@@ -173,7 +173,10 @@ def case_functions(case: Case, mode: str, modules, device: str) -> Dict[str, Cal
     tol = 1e-4 if case.dtype == "float32" else 5e-2
     results = [r if isinstance(r, tuple) else (r,) for r in (fns["custom_bn"](), fns["aten"]())]
     for got, expected in zip(*results):  # the output, or grad_input, grad_weight, grad_bias
-        torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol * 10)
+        # atol relative to the largest value: grad_weight sums 10^5 terms, and ATen's own float32
+        # error there (channels-last: 6e-3 on values ~3) exceeds a fixed 1e-3.
+        scale = max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol * 10 * scale)
     if device == "cuda":
         fns = {name: (lambda fn: lambda: (fn(), torch.cuda.synchronize()))(fn) for name, fn in fns.items()}
     return fns
