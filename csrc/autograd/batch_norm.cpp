@@ -16,6 +16,16 @@ at::Tensor undefined_if_empty_mask(const at::Tensor& t, bool wanted) {
   return wanted ? t : at::Tensor();
 }
 
+// The operator writes the running statistics in training mode; the ADInplaceOrView key is a
+// fallthrough for custom operators, so their version counters are moved here.
+void bump_running_stat_versions(const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var, bool training) {
+  if (training && given(running_mean)) {
+    torch::autograd::impl::bump_version(*running_mean);
+    torch::autograd::impl::bump_version(*running_var);
+  }
+}
+
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
@@ -30,10 +40,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
       std::tie(output, save_mean, save_invstd) = batch_norm_forward(
           input, weight, bias, running_mean, running_var, training, momentum, eps);
     }
-    if (training && given(running_mean)) {
-      torch::autograd::impl::bump_version(*running_mean);
-      torch::autograd::impl::bump_version(*running_var);
-    }
+    bump_running_stat_versions(running_mean, running_var, training);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), save_mean, save_invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
@@ -68,9 +75,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
-  auto out = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training,
-                                      momentum, eps);
-  return {out[0], out[1], out[2]};
+  const auto requires_grad = [](const c10::optional<at::Tensor>& t) {
+    return given(t) && t->requires_grad();
+  };
+  const auto has_tangent = [](const c10::optional<at::Tensor>& t) {
+    return given(t) && t->_fw_grad(/*level=*/0).defined();
+  };
+  TORCH_CHECK(!has_tangent(input) && !has_tangent(weight) && !has_tangent(bias),
+              "custom_bn.batch_norm_forward: the operator's C++ autograd has no forward-mode "
+              "derivative; for forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) call "
+              "custom_bn.functional.batch_norm or the custom_bn modules, which provide it");
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    auto out = BatchNormFunction::apply(input, weight, bias, running_mean, running_var,
+                                        training, momentum, eps);
+    return {out[0], out[1], out[2]};
+  }
+  // Nothing to record: skip the autograd node. Besides saving its cost, this is what lets the
+  // Python face call this operator inside a torch.func transform, where functorch refuses any
+  // C++ autograd::Function (python/custom_bn/_transforms.py supplies the derivatives there).
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto out =
+      batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  bump_running_stat_versions(running_mean, running_var, training);
+  return out;
 }
 
 // The backward expressed with differentiable ATen ops, used only when the backward itself is
@@ -123,11 +151,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input,
     const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
     const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 3> output_mask) {
-  const bool differentiate =
-      at::GradMode::is_enabled() &&
-      (grad_output.requires_grad() || input.requires_grad() ||
-       (given(weight) && weight->requires_grad()) || save_mean.requires_grad() ||
-       save_invstd.requires_grad());
+  // Differentiated in reverse mode (create_graph) or in forward mode (a dual tangent, e.g.
+  // torch.func.jacfwd over jacrev): the kernel has no derivative of its own.
+  const auto differentiated = [](const at::Tensor& t) {
+    return (at::GradMode::is_enabled() && t.requires_grad()) ||
+           t._fw_grad(/*level=*/0).defined();
+  };
+  const bool differentiate = differentiated(grad_output) || differentiated(input) ||
+                             (given(weight) && differentiated(*weight)) ||
+                             differentiated(save_mean) || differentiated(save_invstd);
   if (differentiate) {
     return batch_norm_backward_differentiable(grad_output, input, weight, save_mean, save_invstd,
                                               training, eps, output_mask);

@@ -11,6 +11,7 @@ from . import _meta  # noqa: F401  (fake kernels for torch.compile / export)
 from . import functional
 from ._build_info import build_info
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from . import _interop  # noqa: F401  (torch.ao fusers, convert_sync_batchnorm warning)
 
 __version__ = "0.1.0"
 

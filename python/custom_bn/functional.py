@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _transforms
+
 __all__ = ["batch_norm"]
 
 
@@ -40,19 +42,27 @@ def batch_norm(
     place: ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased. In
     evaluation mode (``training=False``) the running statistics normalize ``input``.
     """
-    if input.dim() == 1 and input.numel() == 0:
-        # torch's empty (0,) input: zero channels; the operators take it as (0, 0).
-        output = batch_norm(
-            input.view(0, 0), running_mean, running_var, weight, bias, training, momentum, eps
-        )
-        return output.view(0)
+    empty_1d = input.dim() == 1 and input.numel() == 0
+    if empty_1d:  # torch's empty (0,) input: zero channels; the operators take it as (0, 0)
+        input = input.view(0, 0)
     if input.dim() >= 2:
         weight = _as_channel_vector(weight, input.shape[1])
         bias = _as_channel_vector(bias, input.shape[1])
-    output, _, _ = torch.ops.custom_bn.batch_norm_forward.default(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
-    return output
+    if not training and not torch.jit.is_scripting() and torch.compiler.is_compiling():
+        # Evaluation only reads the running statistics, but the operator's schema marks them
+        # written (training writes them), so a traced graph (torch.export, AOTInductor) would
+        # carry a write-back of unchanged buffers. Traced evaluation reads copies instead.
+        running_mean = None if running_mean is None else running_mean.clone()
+        running_var = None if running_var is None else running_var.clone()
+    if not torch.jit.is_scripting() and _transforms.transforms_active():
+        output = _transforms.batch_norm(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+    else:
+        output = torch.ops.custom_bn.batch_norm_forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )[0]
+    return output.view(0) if empty_1d else output
 
 
 def _as_channel_vector(t: Optional[Tensor], channels: int) -> Optional[Tensor]:

@@ -6,7 +6,6 @@ One deliberate difference: ``num_batches_tracked`` is bumped only after the oper
 so a rejected input leaves every buffer as it was.
 """
 
-from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +15,15 @@ from . import functional as F
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _BatchNorm(nn.Module):
-    """Shared implementation of BatchNorm1d/2d/3d; subclasses only fix the accepted ranks.
+class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The forward shared by BatchNorm1d/2d/3d, each of which also subclasses its torch.nn twin.
+
+    So ``custom_bn.BatchNorm2d`` *is* an ``nn.BatchNorm2d`` and an
+    ``nn.modules.batchnorm._BatchNorm``: code that finds BatchNorm layers by type (weight-decay
+    filters, BN freezing, weight init, ``fuse_conv_bn_eval``,
+    ``torch.func.replace_all_batch_norm_modules_``) treats it as one. The constructor, parameters,
+    buffers, ``reset_parameters``, the input-rank check, ``extra_repr`` and checkpoint loading are
+    torch.nn's; ``forward`` runs the custom_bn operators.
 
     Args (as torch.nn): num_features C; eps added to the variance; momentum of the running-stat
     update (None: cumulative average over num_batches_tracked batches); affine (learnable
@@ -26,95 +32,25 @@ class _BatchNorm(nn.Module):
     keeps only the weight.
     """
 
-    # Version 2 added num_batches_tracked (as in torch.nn); older checkpoints lack it.
-    _version = 2
-    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
-    _expected_dims: tuple = ()
-    _expected_dims_text: str = ""
-
-    num_features: int
-    eps: float
-    momentum: Optional[float]
-    affine: bool
-    track_running_stats: bool
-    weight: Optional[nn.Parameter]
-    bias: Optional[nn.Parameter]
-    running_mean: Optional[Tensor]
-    running_var: Optional[Tensor]
-    num_batches_tracked: Optional[Tensor]
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.zeros((), dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, no batches seen."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Reset the running statistics and the affine map to the identity (weight 1, bias 0)."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._expected_dims:
-            raise ValueError(
-                f"expected {self._expected_dims_text} input (got {input.dim()}D input)"
-            )
+    def _get_name(self) -> str:
+        # repr(model) shows custom_bn.BatchNorm2d(...), so a swap is visible; a user's subclass
+        # keeps its own name.
+        name = type(self).__name__
+        return f"custom_bn.{name}" if type(self).__module__ == __name__ else name
 
     def _check_num_features(self, input: Tensor) -> None:
         # The operator checks C against weight and the running stats; this also covers a module
         # that has neither (affine=False, track_running_stats=False).
         if input.shape[1] != self.num_features:
             raise RuntimeError(
-                f"{type(self).__name__}: expected input with num_features={self.num_features} "
-                f"channels (input.size(1)), got input of shape {tuple(input.shape)}"
+                f"custom_bn BatchNorm: expected input with num_features={self.num_features} "
+                f"channels (input.size(1)), got input of shape {list(input.shape)}"
             )
 
     def forward(self, input: Tensor) -> Tensor:
         """input: ``(N, C, *)`` with C = num_features (rank set by the subclass) → same shape."""
+        if not torch.jit.is_scripting() and _is_fx_proxy(input):
+            return _fx_leaf_call(self, input)
         self._check_input_dim(input)
         self._check_num_features(input)
 
@@ -123,7 +59,12 @@ class _BatchNorm(nn.Module):
         updates_stats = (
             self.training and self.track_running_stats and self.num_batches_tracked is not None
         )
-        if updates_stats and self.momentum is None and torch.compiler.is_compiling():
+        if (
+            updates_stats
+            and self.momentum is None
+            and not torch.jit.is_scripting()
+            and torch.compiler.is_compiling()
+        ):
             return self._forward_cumulative_traceable(input)
         if self.training:
             use_batch_stats = True
@@ -174,65 +115,41 @@ class _BatchNorm(nn.Module):
         self.num_batches_tracked.copy_(count)
         return output
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
 
-    def _load_from_state_dict(
-        self,
-        state_dict: Dict[str, Any],
-        prefix: str,
-        local_metadata: Dict[str, Any],
-        strict: bool,
-        missing_keys: List[str],
-        unexpected_keys: List[str],
-        error_msgs: List[str],
-    ) -> None:
-        counter_key = prefix + "num_batches_tracked"
-        saved_version = local_metadata.get("version")
-        written_before_counter = saved_version is None or saved_version < 2
-        if written_before_counter and self.track_running_stats and counter_key not in state_dict:
-            # Such a checkpoint has no counter to restore: the module keeps its own (a meta
-            # tensor has no value, so that case starts from zero) instead of a missing-key error.
-            counter = self.num_batches_tracked
-            if counter.device.type == "meta":
-                counter = torch.zeros((), dtype=torch.long)
-            state_dict[counter_key] = counter
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+@torch.jit.unused
+def _is_fx_proxy(input: Tensor) -> bool:
+    return isinstance(input, torch.fx.Proxy)
 
 
-class BatchNorm1d(_BatchNorm):
+@torch.jit.unused
+def _fx_leaf_call(module: nn.Module, input: Tensor) -> Tensor:
+    """Under torch.fx symbolic tracing the module appears as one ``call_module`` node, as
+    torch.nn's BatchNorm does (torch.fx keeps torch.nn modules as leaves): ``train()``/``eval()``
+    on the traced GraphModule keep working and graph passes see the BatchNorm layer itself,
+    instead of a trace through forward that would freeze the training flag and the buffer
+    updates at trace time."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """Batch norm over ``(N, C)`` or ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``.
 
     Shape: input ``(N, C)`` or ``(N, C, L)`` with ``C = num_features``; output the same.
     """
 
-    _expected_dims = (2, 3)
-    _expected_dims_text = "2D or 3D"
 
-
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """Batch norm over ``(N, C, H, W)`` input; drop-in for ``torch.nn.BatchNorm2d``.
 
     Shape: input ``(N, C, H, W)`` with ``C = num_features``; output the same, channels-last
     input gives channels-last output.
     """
 
-    _expected_dims = (4,)
-    _expected_dims_text = "4D"
 
-
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch norm over ``(N, C, D, H, W)`` input; drop-in for ``torch.nn.BatchNorm3d``.
 
     Shape: input ``(N, C, D, H, W)`` with ``C = num_features``; output the same,
     channels-last-3d input gives channels-last-3d output.
     """
-
-    _expected_dims = (5,)
-    _expected_dims_text = "5D"

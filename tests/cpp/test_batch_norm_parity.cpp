@@ -285,3 +285,20 @@ TEST(BatchNormAutograd, NoGraphUnderNoGradGuard) {
 }
 
 }  // namespace
+
+// Training writes the running statistics, so their version counters must move whether or not
+// autograd records a node (the no-graph path skips the autograd Function). Evaluation only
+// reads them.
+TEST(BatchNormAutograd, RunningStatVersionsMoveOnlyInTraining) {
+  for (const bool grad : {true, false}) {
+    auto x = channel_varied_input({8, 3}, torch::kDouble).requires_grad_(grad);
+    auto mean = torch::zeros({3}, torch::kDouble);
+    auto var = torch::ones({3}, torch::kDouble);
+    const auto before = mean._version();
+    custom_bn::batch_norm(x, {}, {}, mean, var, /*training=*/true);
+    EXPECT_EQ(mean._version(), before + 1) << "requires_grad=" << grad;
+    EXPECT_EQ(var._version(), before + 1) << "requires_grad=" << grad;
+    custom_bn::batch_norm(x, {}, {}, mean, var, /*training=*/false);
+    EXPECT_EQ(mean._version(), before + 1) << "requires_grad=" << grad;
+  }
+}

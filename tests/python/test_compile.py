@@ -110,3 +110,20 @@ def test_export_eval_model_matches_eager():
     targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
     assert torch.ops.custom_bn.batch_norm_forward.default in targets
     assert_close(exported.module()(x), _torch_twin(model, 0.1)(x), torch.float32, "exported output")
+    # Evaluation reads the running statistics only: no buffer mutation in the exported program,
+    # before or after decomposition to the inference IR that AOTInductor compiles (as torch.nn).
+    for program in (exported, exported.run_decompositions()):
+        assert program.graph_signature.buffers_to_mutate == {}
+    assert_close(
+        exported.run_decompositions().module()(x), _torch_twin(model, 0.1)(x), torch.float32,
+        "decomposed exported output",
+    )
+
+
+def test_export_training_model_mutates_the_same_buffers_as_torch():
+    programs = [
+        torch.export.export(m.train(), (torch.randn(4, 3, 5, 5),)).run_decompositions()
+        for m in (_model(0.1), _torch_twin(_model(0.1), 0.1))
+    ]
+    ours, theirs = (sorted(p.graph_signature.buffers_to_mutate.values()) for p in programs)
+    assert ours == theirs and any("running_mean" in name for name in ours)

@@ -100,7 +100,7 @@ def test_module_rejects_wrong_rank_like_torch_nn(cls, ref_cls, shape):
 def test_module_rejects_wrong_channel_count(kwargs, training):
     m = _trained_bn2d(3, **kwargs).train(training)
     _assert_rejected(
-        lambda: m(torch.randn(4, 5, 2, 2)), RuntimeError, r"num_features=3.*\(4, 5, 2, 2\)", m
+        lambda: m(torch.randn(4, 5, 2, 2)), RuntimeError, r"num_features=3.*\[4, 5, 2, 2\]", m
     )
 
 

@@ -113,8 +113,10 @@ def test_track_running_stats_switched_off_after_construction():
 def test_structure_matches_torch_nn(pair, config):
     ours_cls, ref_cls, _ = PAIRS[pair]
     ours, ref = ours_cls(7, **CONFIGS[config]), ref_cls(7, **CONFIGS[config])
-    assert repr(ours) == repr(ref)
+    # The repr names custom_bn, so a swap is visible; the arguments read as torch.nn's.
+    assert repr(ours) == "custom_bn." + repr(ref)
     assert ours.extra_repr() == ref.extra_repr()
+    assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm)
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
     assert [n for n, _ in ours.named_buffers()] == [n for n, _ in ref.named_buffers()]
     ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
