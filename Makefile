@@ -12,13 +12,12 @@ CMAKE_INSTALL := build/install
 export MAX_JOBS ?= $(shell nproc)
 export PYTHONPATH := $(CURDIR)/python
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
-# torch finds CUDA through `which nvcc`, which may be a wrapper script outside the toolkit.
+# CMake's torch config finds CUDA through `which nvcc`, which may be a wrapper script outside the
+# toolkit: the CMake configure step gets CUDA_HOME. (setup.py finds the toolkit on its own, so
+# `make` and `pip install` build the Python extension with the same flags.)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc)))
-ifneq ($(CUDA_HOME),)
-export CUDA_HOME
-endif
 
-.PHONY: setup build build-python build-cmake test test-cpp test-python test-large test-sanitize mutation demo bench bench-cpp clean
+.PHONY: setup build build-python build-cmake test test-cpp test-python test-install test-large test-sanitize mutation demo bench bench-cpp clean
 
 setup: $(SETUP_STAMP)
 	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
@@ -36,7 +35,7 @@ build-python: setup
 	$(PY) setup.py -q build_ext --inplace
 
 build-cmake: setup
-	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	$(if $(CUDA_HOME),CUDA_HOME=$(CUDA_HOME)) cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
 	  -DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(CMAKE_INSTALL)
 	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
@@ -48,7 +47,25 @@ test-cpp: build-cmake
 test-python: build-python
 	$(PY) -m pytest tests/python -q
 
-test: test-cpp test-python
+# pip installs as a user runs them, outside make's environment: a plain install into a target
+# folder and an editable one, each smoke-tested from outside the source tree. They reuse the
+# objects of build-python (same flags), so they take seconds after it.
+PIP_TARGET := build/pip-target
+PIP_EDITABLE := build/pip-editable
+test-install: build-python
+	rm -rf $(PIP_TARGET) $(PIP_EDITABLE)
+	env -u CUDA_HOME -u PYTHONPATH $(PY) -m pip install -q --disable-pip-version-check \
+	  --no-build-isolation --no-deps --target $(PIP_TARGET) .
+	cd /tmp && env -u PYTHONPATH PYTHONPATH=$(CURDIR)/$(PIP_TARGET) \
+	  $(CURDIR)/$(PY) $(CURDIR)/tests/install/smoke.py $(CURDIR)/$(PIP_TARGET)
+	env -u CUDA_HOME -u PYTHONPATH $(PY) -m pip install -q --disable-pip-version-check \
+	  --no-build-isolation --no-deps --prefix $(PIP_EDITABLE) -e .
+	cd /tmp && env -u PYTHONPATH $(CURDIR)/$(PY) -c "import site, sys; \
+	  site.addsitedir(sys.argv[1]); sys.argv[1:] = ['$(CURDIR)/python']; \
+	  exec(open('$(CURDIR)/tests/install/smoke.py').read())" \
+	  $(CURDIR)/$(PIP_EDITABLE)/lib/python3*/site-packages
+
+test: test-cpp test-python test-install
 
 # Opt-in, not in `make test`: an input of more than 2**31 elements (~18 GB of memory, ~5 minutes).
 test-large: build-python

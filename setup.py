@@ -8,11 +8,60 @@ import fnmatch
 import glob
 import os
 import platform
+import shutil
+import subprocess
+from typing import Optional
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_cuda_toolkit(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and bool(
+        glob.glob(os.path.join(path, "lib*", "libcudart.so*"))
+    )
+
+
+def _nvcc_toolkit(nvcc: str) -> Optional[str]:
+    """The toolkit an nvcc belongs to, as nvcc itself reports it (its ``_HERE_`` directory in a
+    dry run), so a wrapper script on PATH that execs the real nvcc is followed."""
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            return os.path.dirname(os.path.realpath(line.split("=", 1)[1].strip()))
+    return None
+
+
+def _find_cuda_home() -> Optional[str]:
+    """The CUDA toolkit: CUDA_HOME or CUDA_PATH when set; else the toolkit of the nvcc on PATH
+    or of /usr/local/cuda*/bin/nvcc, whichever first is a real toolkit (headers and cudart).
+    torch.utils.cpp_extension on its own takes the parent of the nvcc found on PATH, which is
+    wrong when that nvcc is a wrapper outside the toolkit (the link then fails with "cannot find
+    -lcudart")."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = [shutil.which("nvcc")] + sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))
+    for nvcc in filter(None, candidates):
+        toolkit = _nvcc_toolkit(nvcc)
+        if toolkit and _is_cuda_toolkit(toolkit):
+            return toolkit
+    return None
+
+
+if os.environ.get("CUSTOM_BN_WITH_CUDA", "1").lower() not in ("0", "off", "false", "no", ""):
+    _cuda_home = _find_cuda_home()
+    if _cuda_home:
+        os.environ["CUDA_HOME"] = _cuda_home  # read by cpp_extension when it is imported
+
+from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is settled)
 
 
 def _want_cuda() -> bool:
@@ -63,6 +112,13 @@ class BuildExtension(cpp_extension.BuildExtension):
     """Compiles the per-ISA kernel sources once per level (each into its own folder, with its
     own flags and CPU_CAPABILITY) and links those objects into the extension."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # One object folder for every way of building (make's in-place build, pip install, and
+        # pip install -e, which would otherwise compile everything in a fresh temporary
+        # folder): ninja then recompiles only what changed.
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
     def build_extension(self, ext):
         per_isa = [s for s in ext.sources if fnmatch.fnmatch(s, PER_ISA_PATTERN)]
         ext.sources = [s for s in ext.sources if s not in per_isa]
@@ -99,6 +155,13 @@ def _sources(with_cuda: bool) -> list:
     return [os.path.relpath(f, ROOT) for f in found]
 
 
+def _cuda_arch_macro() -> str:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0", "8.0 9.0+PTX") as build_info's CUSTOM_BN_CUDA_ARCHS
+    (80_90, 80_90+PTX; nvcc would split a comma). Only the C++ compiler gets it."""
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split()
+    return "-DCUSTOM_BN_CUDA_ARCHS=" + "_".join(a.replace(".", "") for a in archs)
+
+
 def _extension():
     with_cuda = _want_cuda()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -118,6 +181,7 @@ def _extension():
                  for f in glob.glob(os.path.join(ROOT, d, "**", "*"), recursive=True) if os.path.isfile(f)],
     )
     if with_cuda:
+        cxx.append(_cuda_arch_macro())
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["include_dirs"] += _cuda_include_dirs()
         return cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
@@ -130,6 +194,7 @@ setup(
     description="Fused BatchNorm operators for PyTorch (CPU and CUDA) with C++ autograd",
     package_dir={"": "python"},
     packages=find_packages("python"),
+    package_data={"custom_bn": ["py.typed"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",

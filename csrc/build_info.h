@@ -23,4 +23,12 @@ bool built_with_openmp();
 // Whether the CUDA kernels were compiled into this library.
 bool built_with_cuda();
 
+// The GPU architectures the CUDA kernels were compiled for, e.g. {"sm_80", "sm_90"} (empty
+// without CUDA).
+std::vector<std::string> cuda_architectures();
+
+// The LibTorch version this library was compiled against (its headers' TORCH_VERSION). The
+// library must run with that same torch.
+std::string torch_version_compiled_against();
+
 }  // namespace custom_bn

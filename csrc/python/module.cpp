@@ -9,22 +9,36 @@
 
 namespace {
 
-PyObject* build_info(PyObject*, PyObject*) {
-  PyObject* compiled = PyList_New(0);
-  if (compiled == nullptr) return nullptr;
-  for (const std::string& name : custom_bn::cpu_capabilities_compiled()) {
+// A new Python list of str, or nullptr with the Python error set.
+PyObject* string_list(const std::vector<std::string>& names) {
+  PyObject* list = PyList_New(0);
+  if (list == nullptr) return nullptr;
+  for (const std::string& name : names) {
     PyObject* item = PyUnicode_FromString(name.c_str());
-    const bool appended = item != nullptr && PyList_Append(compiled, item) == 0;
+    const bool appended = item != nullptr && PyList_Append(list, item) == 0;
     Py_XDECREF(item);
     if (!appended) {
-      Py_DECREF(compiled);
+      Py_DECREF(list);
       return nullptr;
     }
   }
-  return Py_BuildValue("{s:s,s:N,s:O,s:O}", "cpu_capability",
+  return list;
+}
+
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* compiled = string_list(custom_bn::cpu_capabilities_compiled());
+  if (compiled == nullptr) return nullptr;
+  PyObject* archs = string_list(custom_bn::cuda_architectures());
+  if (archs == nullptr) {
+    Py_DECREF(compiled);
+    return nullptr;
+  }
+  return Py_BuildValue("{s:s,s:N,s:O,s:O,s:N,s:s}", "cpu_capability",
                        custom_bn::cpu_capability().c_str(), "cpu_capabilities_compiled", compiled,
                        "openmp", custom_bn::built_with_openmp() ? Py_True : Py_False, "cuda",
-                       custom_bn::built_with_cuda() ? Py_True : Py_False);
+                       custom_bn::built_with_cuda() ? Py_True : Py_False, "cuda_architectures",
+                       archs, "torch_compiled_against",
+                       custom_bn::torch_version_compiled_against().c_str());
 }
 
 PyMethodDef methods[] = {

@@ -5,6 +5,9 @@
 #include "cpu_capability.h"
 
 #include <ATen/Version.h>
+#include <torch/headeronly/version.h>
+
+#include <algorithm>
 
 #include "build_info.h"
 
@@ -54,5 +57,26 @@ std::vector<std::string> cpu_capabilities_compiled() {
 bool built_with_openmp() { return cpu::selected_kernels().openmp; }
 
 bool built_with_cuda() { return CUSTOM_BN_WITH_CUDA; }
+
+// CUSTOM_BN_CUDA_ARCHS is set by both builds as the compute capabilities joined by '_' (80_90).
+#define CUSTOM_BN_STRINGIFY(x) #x
+#define CUSTOM_BN_EXPAND_STRINGIFY(x) CUSTOM_BN_STRINGIFY(x)
+#ifndef CUSTOM_BN_CUDA_ARCHS
+#define CUSTOM_BN_CUDA_ARCHS
+#endif
+
+std::vector<std::string> cuda_architectures() {
+  std::vector<std::string> archs;
+  const std::string list = CUSTOM_BN_EXPAND_STRINGIFY(CUSTOM_BN_CUDA_ARCHS);
+  size_t start = 0;
+  while (start < list.size()) {
+    const size_t end = std::min(list.find('_', start), list.size());
+    if (end > start) archs.push_back("sm_" + list.substr(start, end - start));
+    start = end + 1;
+  }
+  return archs;
+}
+
+std::string torch_version_compiled_against() { return TORCH_VERSION; }
 
 }  // namespace custom_bn

@@ -32,8 +32,11 @@ def build_info() -> Dict[str, Any]:
     * ``openmp``: whether the CPU kernels run on torch's intra-op thread pool
       (``torch.set_num_threads``); ``num_threads``: its current size.
     * ``openmp_runtimes``: the OpenMP libraries loaded in this process (one is expected).
-    * ``cuda``: whether the CUDA kernels were compiled in.
-    * ``version``, ``torch``: custom_bn's and torch's versions.
+    * ``cuda``: whether the CUDA kernels were compiled in; ``cuda_architectures``: the GPU
+      architectures they were compiled for (``["sm_80", "sm_90"]``, empty without CUDA).
+    * ``version``: custom_bn's version; ``torch``: the torch running now;
+      ``torch_compiled_against``: the LibTorch whose headers the library was compiled with
+      (the two must be the same release).
     """
     from . import __version__
 

@@ -125,4 +125,14 @@ TEST(CpuCapability, FollowsATenAndWasCompiled) {
   }
 }
 
+TEST(BuildInfo, NamesTheTorchAndCudaArchitectures) {
+  EXPECT_EQ(custom_bn::torch_version_compiled_against(), std::string(TORCH_VERSION));
+  const auto archs = custom_bn::cuda_architectures();
+  EXPECT_EQ(custom_bn::built_with_cuda(), !archs.empty());
+  for (const auto& arch : archs) {  // sm_80, sm_90 by default: no CMake -real/-virtual suffix
+    EXPECT_EQ(arch.rfind("sm_", 0), 0u) << arch;
+    EXPECT_EQ(arch.find('-'), std::string::npos) << arch;
+  }
+}
+
 }  // namespace

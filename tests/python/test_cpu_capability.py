@@ -62,6 +62,12 @@ def test_build_info_reports_the_choice():
     assert info["cpu_capability"] in info["cpu_capabilities_compiled"]
     if torch.backends.cpu.get_cpu_capability() in info["cpu_capabilities_compiled"]:
         assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["torch_compiled_against"] == torch.__version__.split("+")[0]
+    assert info["cuda"] == bool(info["cuda_architectures"])
+    # The CUDA kernels are compiled for TORCH_CUDA_ARCH_LIST, by default sm_80 and sm_90.
+    if info["cuda"]:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(";", " ").split()
+        assert info["cuda_architectures"] == ["sm_" + a.replace(".", "") for a in archs]
 
 
 @pytest.mark.parametrize("level", LEVELS)
