@@ -37,11 +37,11 @@ build-python: setup
 build-cmake: setup
 	$(if $(CUDA_HOME),CUDA_HOME=$(CUDA_HOME)) cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-	  -DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(CMAKE_INSTALL)
+	  -DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(CMAKE_INSTALL) -DCUSTOM_BN_PYTHON=$(CURDIR)/$(PY)
 	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
 	cmake --install $(CMAKE_BUILD) > /dev/null
 
-test-cpp: build-cmake
+test-cpp: build-cmake build-python  # the deployment tests write their models from Python
 	cd $(CMAKE_BUILD) && ctest --output-on-failure
 
 test-python: build-python

@@ -2,6 +2,9 @@
 torch.fx, TorchScript and convert_sync_batchnorm, each compared with a torch.nn twin model."""
 
 import io
+import os
+import socket
+import time
 import warnings
 
 import pytest
@@ -187,3 +190,53 @@ def test_autocast_training_step_matches_torch(dtype, device):
     for a, b in zip(state_ours + grads_ours, state_theirs + grads_theirs):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank: three SGD steps of DDP on its half of a fixed batch, first with custom_bn
+    layers, then with torch.nn's; rank 0 saves both final states."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        g = torch.Generator().manual_seed(1)
+        data = torch.randn(4 * world, 2, 4, 4, generator=g, dtype=D)
+        target = torch.randn(4 * world, 5, generator=g, dtype=D)
+        shard = slice(4 * rank, 4 * rank + 4)
+        for ours in (True, False):
+            model = _net(2, ours)
+            ddp = DistributedDataParallel(model)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            for _ in range(3):
+                opt.zero_grad()
+                (ddp(data[shard]) - target[shard]).square().mean().backward()
+                opt.step()
+            if rank == 0:
+                torch.save(model.state_dict(), os.path.join(out_dir, f"ours{ours}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo_training_matches_torch(tmp_path):
+    """Two processes, DistributedDataParallel over gloo (gradients all-reduced, buffers
+    broadcast from rank 0): custom_bn ends with torch.nn's parameters and running statistics.
+    Bounded in time: a rank that fails or hangs fails the test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = torch.multiprocessing.start_processes(
+        _ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish within 300 s")
+    ours, theirs = (torch.load(tmp_path / f"ours{flag}.pt") for flag in (True, False))
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m: f"{key}: {m}")
