@@ -30,7 +30,6 @@ _forward_op = torch.ops.custom_bn.batch_norm_forward.default
 _backward_op = torch.ops.custom_bn.batch_norm_backward.default
 
 
-@torch.jit.unused
 def transforms_active() -> bool:
     """True while a torch.func transform or a forward-AD dual level is active: the calls that
     the C++ autograd Function cannot serve. Under torch.compile the operators are traced as they
@@ -40,7 +39,6 @@ def transforms_active() -> bool:
     ) and not torch.compiler.is_compiling()
 
 
-@torch.jit.unused
 def batch_norm(
     input: Tensor,
     weight: Optional[Tensor],

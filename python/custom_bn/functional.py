@@ -10,6 +10,8 @@ from . import _transforms
 
 __all__ = ["batch_norm"]
 
+_forward_op = torch.ops.custom_bn.batch_norm_forward.default
+
 
 def batch_norm(
     input: Tensor,
@@ -48,20 +50,14 @@ def batch_norm(
     if input.dim() >= 2:
         weight = _as_channel_vector(weight, input.shape[1])
         bias = _as_channel_vector(bias, input.shape[1])
-    if not training and not torch.jit.is_scripting() and torch.compiler.is_compiling():
-        # Evaluation only reads the running statistics, but the operator's schema marks them
-        # written (training writes them), so a traced graph (torch.export, AOTInductor) would
-        # carry a write-back of unchanged buffers. Traced evaluation reads copies instead.
-        running_mean = None if running_mean is None else running_mean.clone()
-        running_var = None if running_var is None else running_var.clone()
-    if not torch.jit.is_scripting() and _transforms.transforms_active():
-        output = _transforms.batch_norm(
-            input, weight, bias, running_mean, running_var, training, momentum, eps
-        )
-    else:
+    if torch.jit.is_scripting():
         output = torch.ops.custom_bn.batch_norm_forward(
             input, weight, bias, running_mean, running_var, training, momentum, eps
         )[0]
+    else:
+        output = _eager_batch_norm(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
     return output.view(0) if empty_1d else output
 
 
@@ -72,3 +68,29 @@ def _as_channel_vector(t: Optional[Tensor], channels: int) -> Optional[Tensor]:
     if t is not None and t.dim() != 1 and t.numel() == channels:
         return t.reshape(channels)
     return t
+
+
+@torch.jit.unused
+def _eager_batch_norm(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """The operator call outside TorchScript (which has its own branch above)."""
+    if not training and torch.compiler.is_compiling():
+        # Evaluation only reads the running statistics, but the operator's schema marks them
+        # written (training writes them), so a traced graph (torch.export, AOTInductor) would
+        # carry a write-back of unchanged buffers. Traced evaluation reads copies instead.
+        running_mean = None if running_mean is None else running_mean.clone()
+        running_var = None if running_var is None else running_var.clone()
+    if _transforms.transforms_active():
+        return _transforms.batch_norm(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+    return _forward_op(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+

@@ -38,6 +38,8 @@ MATH = "kernels/common/batch_norm_math.h"
 KERNEL = "kernels/cpu/batch_norm_kernel.cpp"
 OPERATOR = "kernels/cpu/batch_norm_cpu.cpp"
 AUTOGRAD_CPP = "csrc/autograd/batch_norm.cpp"
+TRANSFORMS_PY = "python/custom_bn/_transforms.py"
+TRANSFORMS = "pytest tests/python/test_transforms.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------- CUDA kernel bodies
@@ -207,5 +209,39 @@ MUTANTS = [
         "differentiable backward: training invstd taken from save_invstd (a constant), so "
         "second-order terms through the variance are lost",
         (AUTOGRAD,),
+    ),
+    # ---------------------------------------------------- torch.func path (Python face)
+    Mutant(
+        "jvp-drop-mean-dx",
+        TRANSFORMS_PY,
+        "dx = dx - dx.mean(reduce, keepdim=True) - xhat",
+        "dx = dx - xhat",
+        "forward-mode derivative in training without the -mean(dx) term",
+        (TRANSFORMS,),
+    ),
+    Mutant(
+        "vmap-running-stat-writeback-dropped",
+        TRANSFORMS_PY,
+        "                    target.copy_(folded.view(target.shape))",
+        "                    pass",
+        "vmap batching rule: a running statistic folded into a copy is not written back",
+        (TRANSFORMS,),
+    ),
+    Mutant(
+        "vmap-backward-param-grads-transposed",
+        TRANSFORMS_PY,
+        "g.view(size, -1) if wanted else g for g, wanted in zip(grads[1:], output_mask[1:])",
+        "g.view(-1, size).t() if wanted else g for g, wanted in zip(grads[1:], output_mask[1:])",
+        "backward batching rule: grad_weight/grad_bias unfolded as (C, B) instead of (B, C)",
+        (TRANSFORMS,),
+    ),
+    Mutant(
+        "backward-ignores-tangents",
+        AUTOGRAD_CPP,
+        "    return (at::GradMode::is_enabled() && t.requires_grad()) ||\n           t._fw_grad(/*level=*/0).defined();",
+        "    return at::GradMode::is_enabled() && t.requires_grad();",
+        "backward Autograd kernel: the fused kernel under forward AD (jacfwd over jacrev) "
+        "silently drops tangents",
+        (TRANSFORMS,),
     ),
 ]
