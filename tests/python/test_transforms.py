@@ -1,7 +1,7 @@
 """torch.func transforms and forward-mode AD: custom_bn under a transform equals torch.nn's batch
 norm under the same transform (float64 values, running statistics and errors)."""
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp,
 from torch.utils._pytree import tree_leaves
 
 import custom_bn
-from bn_testing import DEVICES, Layout, assert_close, channel_params, clone_optional
+from bn_testing import DEVICES, Layout, assert_close, channel_params
 
 OURS = custom_bn.functional.batch_norm
 THEIRS = nn.functional.batch_norm
