@@ -39,23 +39,6 @@ def transforms_active() -> bool:
     ) and not torch.compiler.is_compiling()
 
 
-def batch_norm(
-    input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> Tensor:
-    """The output of ``batch_norm_forward`` through :class:`BatchNormFunction`."""
-    output, _, _ = BatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
-    return output
-
-
 class BatchNormFunction(torch.autograd.Function):
     """``batch_norm_forward`` with reverse-mode, forward-mode and vmap support in Python."""
 

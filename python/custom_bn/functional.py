@@ -89,8 +89,8 @@ def _eager_batch_norm(
         running_mean = None if running_mean is None else running_mean.clone()
         running_var = None if running_var is None else running_var.clone()
     if _transforms.transforms_active():
-        return _transforms.batch_norm(
+        return _transforms.BatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, training, momentum, eps
-        )
+        )[0]
     return _forward_op(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
 
