@@ -78,6 +78,10 @@ CASES = [
     Case("NCHW fp16 32x64x56x56", (32, 64, 56, 56), dtype="float16"),
     Case("NHWC fp16 32x64x56x56", (32, 64, 56, 56), channels_last=True, dtype="float16"),
 ]
+# The fused epilogue (training forward+backward): BN+ReLU and BN+add+ReLU on these cases.
+FUSED_CASES = [c for c in CASES if "32x64x56x56" in c.name and c.dtype != "float16"]
+EPILOGUES = ("relu", "add_relu")
+FUSED_CONTENDERS = ("fused", "plain", "aten", "compile", "copy")
 # Per-call overhead: a tiny input, forward+backward, through the module and through torch.ops.
 OVERHEAD_SHAPE = (8, 16, 4, 4)
 
@@ -216,6 +220,52 @@ def overhead_functions() -> Dict[str, Callable[[], object]]:
             "torch.ops custom_bn": ops_custom_bn, "torch.ops aten": ops_aten}
 
 
+class _Composition(torch.nn.Module):
+    """torch.nn's BN(x) [+ residual], then ReLU: what BatchNormAct2d fuses."""
+
+    def __init__(self, bn: torch.nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.bn(x)
+        return torch.relu(y if residual is None else y + residual)
+
+
+def fused_functions(case: Case, epilogue: str, device: str = "cpu") -> Dict[str, Callable[[], object]]:
+    """Training forward+backward of BN+ReLU (epilogue "relu") or BN+add+ReLU ("add_relu"):
+    ``fused`` custom_bn.BatchNormAct2d, ``plain`` custom_bn.BatchNorm2d alone (the fused op's
+    target: the epilogue should cost nothing on top), ``aten`` the torch.nn composition,
+    ``compile`` torch.compile of that composition, ``copy`` the memory floor of a forward."""
+    import custom_bn
+
+    ours, reference, to_compile = _modules(case, device)
+    fused = custom_bn.BatchNormAct2d(case.shape[1]).to(device)
+    fused.load_state_dict(reference.state_dict())
+    aten = _Composition(reference)
+    compiled = torch.compile(_Composition(to_compile), dynamic=False)
+    x = _input(case, device).requires_grad_()
+    residual = torch.randn_like(x).requires_grad_() if epilogue == "add_relu" else None
+    dy = torch.randn_like(x)
+
+    def step(forward, bn):
+        inputs = (x, bn.weight, bn.bias) + ((residual,) if residual is not None else ())
+        return lambda: torch.autograd.grad(forward(), inputs, dy)
+
+    fns = {
+        "fused": step(lambda: fused(x, residual), fused),
+        "plain": step(lambda: ours(x), ours),
+        "aten": step(lambda: aten(x, residual), reference),
+        "compile": step(lambda: compiled(x, residual), to_compile),
+        "copy": lambda: torch.empty_like(x).copy_(x),
+    }
+    tol = 1e-4 if case.dtype == "float32" else 5e-2
+    for got, expected in zip(fns["fused"](), fns["aten"]()):
+        scale = max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol * 10 * scale)
+    return fns
+
+
 def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float, cuda: bool) -> dict:
     """Measures every case with `threads` threads (and, when `cuda`, on the GPU too); returns a
     JSON-able dict."""
@@ -238,8 +288,17 @@ def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float,
                 rows.append({"case": asdict(case), "name": name, "mode": mode, "device": device,
                              "threads": threads, "seconds": times, "bytes": compulsory_bytes(case, mode)})
                 print(f"  [{threads} thread(s)] {name:<24} {mode:<14} done", file=sys.stderr, flush=True)
+    fused_rows = []
+    for case in cases:
+        if case not in FUSED_CASES:
+            continue
+        for epilogue in EPILOGUES:
+            times = median_times(fused_functions(case, epilogue), rounds, min_sample_s)
+            fused_rows.append({"name": case.name, "epilogue": epilogue, "threads": threads,
+                               "seconds": times})
+            print(f"  [{threads} thread(s)] {case.name:<24} {epilogue:<14} done", file=sys.stderr, flush=True)
     overhead = median_times(overhead_functions(), rounds, min_sample_s)
-    return {"threads": threads, "rows": rows, "overhead": overhead,
+    return {"threads": threads, "rows": rows, "fused_rows": fused_rows, "overhead": overhead,
             "build_info": custom_bn.build_info()}
 
 
@@ -261,12 +320,35 @@ def table_rows(results: List[dict]) -> List[List[str]]:
     return rows
 
 
+FUSED_COLUMNS = ["case", "epilogue", "thr", "fused ms", "plain ms", "ATen ms", "compile ms",
+                 "copy ms", "fused/plain", "vs ATen", "vs compile"]
+
+
+def fused_table_rows(results: List[dict]) -> List[List[str]]:
+    rows = []
+    for res in results:
+        for row in res.get("fused_rows", []):
+            t = row["seconds"]
+            fused = t["fused"]
+            rows.append([row["name"], row["epilogue"], str(row["threads"])]
+                        + [f"{t[c] * 1e3:.3f}" for c in FUSED_CONTENDERS]
+                        + [f"{fused / t['plain']:.2f}", f"{t['aten'] / fused:.2f}x",
+                           f"{t['compile'] / fused:.2f}x"])
+    return rows
+
+
 def format_table(results: List[dict]) -> str:
     widths = [24, 14] + [max(len(c), 8) for c in COLUMNS[2:]]
     line = lambda cells: " ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                   for i, (c, w) in enumerate(zip(cells, widths)))
     head = line(COLUMNS)
     lines = [head, "-" * len(head)] + [line(r) for r in table_rows(results)]
+    fused_rows = fused_table_rows(results)
+    if fused_rows:
+        lines += ["", "fused epilogue, training forward+backward (fused/plain: time over plain custom_bn "
+                  "BatchNorm alone; vs: speed-up of fused over the torch.nn composition):"]
+        head = line(FUSED_COLUMNS)
+        lines += [head, "-" * len(head)] + [line(r) for r in fused_rows]
     lines.append("")
     lines.append("per-call overhead, (8,16,4,4) forward+backward (microseconds; ratio custom_bn / torch):")
     for res in results:
@@ -283,6 +365,11 @@ def format_table(results: List[dict]) -> str:
 def markdown_table(results: List[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|" + "--:|" * (len(COLUMNS) - 2)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
+    fused_rows = fused_table_rows(results)
+    if fused_rows:
+        lines += ["", "| " + " | ".join(FUSED_COLUMNS) + " |",
+                  "|---|---|" + "--:|" * (len(FUSED_COLUMNS) - 2)]
+        lines += ["| " + " | ".join(r) + " |" for r in fused_rows]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@
 #include <sstream>
 #include <string>
 
+#include "../kernels/common/activation.h"
 #include "../kernels/common/geometry.h"
 
 namespace custom_bn {
@@ -197,6 +198,33 @@ inline void check_batch_norm_backward_args(const at::Tensor& grad_output, const 
   }
   check_channel_counts(op, input, {{&weight, "weight"}});
   check_channel_tensors(op, input, {{&weight, "weight"}});
+}
+
+// The fused epilogue's activation by name (the schemas take a string, as torch's own ops take
+// e.g. an approximate="tanh"); ValueError for any other name, as torch for a bad enum string.
+inline Activation parse_activation(const char* op, c10::string_view name) {
+  if (name == "identity") return Activation::kIdentity;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "leaky_relu") return Activation::kLeakyRelu;
+  if (name == "elu") return Activation::kElu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(false, op,
+                    ": activation must be one of 'identity', 'relu', 'leaky_relu', 'elu', 'silu', "
+                    "got '", std::string(name), "'");
+}
+
+// The residual of the fused epilogue: input's shape, dtype and device (its memory format may
+// differ; the kernels read it in input's).
+inline void check_residual(const char* op, const at::Tensor& input,
+                           const c10::optional<at::Tensor>& residual) {
+  if (!given(residual)) return;
+  TORCH_CHECK(residual->sizes() == input.sizes(), op, ": residual must have input's shape ",
+              describe_shape(input), ", got ", describe_shape(*residual));
+  TORCH_CHECK(residual->scalar_type() == input.scalar_type(), op,
+              ": residual must have input's dtype ", input.scalar_type(), ", got ",
+              residual->scalar_type());
+  TORCH_CHECK(residual->device() == input.device(), op, ": residual must be on input's device (",
+              input.device(), "), got ", residual->device());
 }
 
 }  // namespace custom_bn

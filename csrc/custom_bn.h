@@ -1,7 +1,8 @@
 #pragma once
 // Umbrella header of the custom_bn C++ API (installed as <custom_bn/custom_bn.h>):
 //   custom_bn::batch_norm, batch_norm_forward, batch_norm_backward  (ops/batch_norm.h)
-//   custom_bn::nn::BatchNorm1d/2d/3d                                (nn/batch_norm.h)
+//   custom_bn::batch_norm_act, batch_norm_act_forward/_backward     (ops/batch_norm.h)
+//   custom_bn::nn::BatchNorm1d/2d/3d, BatchNormAct1d/2d/3d          (nn/batch_norm.h)
 //   custom_bn::cpu_capability, built_with_openmp, ...                (build_info.h)
 // Link CustomBN::custom_bn (find_package(CustomBN)); the operators are registered with the
 // dispatcher when libcustom_bn is loaded.

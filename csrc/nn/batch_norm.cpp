@@ -88,6 +88,13 @@ void BatchNormImplBase<D, Derived>::check_input_dim(const torch::Tensor& input) 
 
 template <size_t D, typename Derived>
 torch::Tensor BatchNormImplBase<D, Derived>::forward(const torch::Tensor& input) {
+  return normalize(input, "identity", std::nullopt, std::nullopt);
+}
+
+template <size_t D, typename Derived>
+torch::Tensor BatchNormImplBase<D, Derived>::normalize(
+    const torch::Tensor& input, const std::string& activation,
+    std::optional<double> activation_param, const std::optional<torch::Tensor>& residual) {
   check_input_dim(input);
   const bool update_running_stats =
       this->is_training() && options.track_running_stats() && num_batches_tracked.defined();
@@ -98,11 +105,11 @@ torch::Tensor BatchNormImplBase<D, Derived>::forward(const torch::Tensor& input)
     // once the operator has accepted the input.
     momentum = 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>() + 1);
   }
-  torch::Tensor output = custom_bn::batch_norm(
+  torch::Tensor output = custom_bn::batch_norm_act(
       input, if_defined(weight), if_defined(bias), if_defined(running_mean),
       if_defined(running_var),
       /*training=*/this->is_training() || !options.track_running_stats(), momentum,
-      options.eps());
+      options.eps(), activation, activation_param, residual);
   if (update_running_stats) {
     torch::NoGradGuard no_grad;
     num_batches_tracked.add_(1);
@@ -112,7 +119,13 @@ torch::Tensor BatchNormImplBase<D, Derived>::forward(const torch::Tensor& input)
 
 template <size_t D, typename Derived>
 void BatchNormImplBase<D, Derived>::pretty_print(std::ostream& stream) const {
-  stream << std::boolalpha << "custom_bn::nn::BatchNorm" << D << "d(" << options.num_features()
+  print_options(stream, "BatchNorm");
+  stream << ')';
+}
+
+template <size_t D, typename Derived>
+void BatchNormImplBase<D, Derived>::print_options(std::ostream& stream, const char* name) const {
+  stream << std::boolalpha << "custom_bn::nn::" << name << D << "d(" << options.num_features()
          << ", eps=" << options.eps() << ", momentum=";
   if (options.momentum().has_value()) {
     stream << *options.momentum();
@@ -120,11 +133,40 @@ void BatchNormImplBase<D, Derived>::pretty_print(std::ostream& stream) const {
     stream << "None";
   }
   stream << ", affine=" << options.affine()
-         << ", track_running_stats=" << options.track_running_stats() << ')';
+         << ", track_running_stats=" << options.track_running_stats();
 }
 
 template class BatchNormImplBase<1, BatchNorm1dImpl>;
 template class BatchNormImplBase<2, BatchNorm2dImpl>;
 template class BatchNormImplBase<3, BatchNorm3dImpl>;
+
+template <size_t D, typename Derived>
+BatchNormActImplBase<D, Derived>::BatchNormActImplBase(const BatchNormActOptions& options_)
+    : BatchNormImplBase<D, Derived>(options_.batch_norm()),
+      activation(options_.activation()),
+      activation_param(options_.activation_param()) {
+  resolve_activation_param(activation, activation_param);  // rejects bad options now
+}
+
+template <size_t D, typename Derived>
+torch::Tensor BatchNormActImplBase<D, Derived>::forward(
+    const torch::Tensor& input, const std::optional<torch::Tensor>& residual) {
+  return this->normalize(input, activation, activation_param, residual);
+}
+
+template <size_t D, typename Derived>
+void BatchNormActImplBase<D, Derived>::pretty_print(std::ostream& stream) const {
+  this->print_options(stream, "BatchNormAct");
+  stream << ", activation=" << activation;
+  if (activation_param.has_value()) stream << ", activation_param=" << *activation_param;
+  stream << ')';
+}
+
+template class BatchNormImplBase<1, BatchNormAct1dImpl>;
+template class BatchNormImplBase<2, BatchNormAct2dImpl>;
+template class BatchNormImplBase<3, BatchNormAct3dImpl>;
+template class BatchNormActImplBase<1, BatchNormAct1dImpl>;
+template class BatchNormActImplBase<2, BatchNormAct2dImpl>;
+template class BatchNormActImplBase<3, BatchNormAct3dImpl>;
 
 }  // namespace custom_bn::nn

@@ -5,12 +5,15 @@
 // running_mean, running_var, num_batches_tracked), so a serialized torch::nn::BatchNorm loads
 // into them and back.
 #include <torch/nn/cloneable.h>
+#include <torch/nn/modules/common.h>
 #include <torch/nn/options/batchnorm.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
 #include <cstddef>
+#include <optional>
 #include <ostream>
+#include <string>
 
 // Relative to this file, so the include works both in the source tree and in the installed
 // include/custom_bn/ tree without extra include directories.
@@ -55,8 +58,14 @@ class BatchNormImplBase : public torch::nn::Cloneable<Derived> {
   torch::Tensor running_var;          // [C], defined when options.track_running_stats()
   torch::Tensor num_batches_tracked;  // int64 scalar, defined when track_running_stats()
 
- private:
+ protected:
   void check_input_dim(const torch::Tensor& input) const;
+  // The module's batch norm with the fused epilogue act(BN(input) + residual).
+  torch::Tensor normalize(const torch::Tensor& input, const std::string& activation,
+                          std::optional<double> activation_param,
+                          const std::optional<torch::Tensor>& residual);
+  // "custom_bn::nn::BatchNorm2d(64, eps=..., ..." without the closing parenthesis.
+  void print_options(std::ostream& stream, const char* name) const;
 };
 
 class BatchNorm1dImpl : public BatchNormImplBase<1, BatchNorm1dImpl> {
@@ -83,5 +92,77 @@ extern template class BatchNormImplBase<3, BatchNorm3dImpl>;
 TORCH_MODULE(BatchNorm1d);
 TORCH_MODULE(BatchNorm2d);
 TORCH_MODULE(BatchNorm3d);
+
+// BatchNorm's options (as torch::nn::BatchNormOptions) plus the fused epilogue's activation
+// ("relu" by default; "identity", "leaky_relu", "elu", "silu") and its parameter (leaky_relu's
+// negative slope, default 0.01; elu's alpha, default 1.0):
+// BatchNormActOptions(64).momentum(0.01).activation("elu").activation_param(0.5).
+struct BatchNormActOptions {
+  /* implicit */ BatchNormActOptions(int64_t num_features) : num_features_(num_features) {}
+  // The BatchNorm part.
+  BatchNormOptions batch_norm() const {
+    return BatchNormOptions(num_features_)
+        .eps(eps_)
+        .momentum(momentum_)
+        .affine(affine_)
+        .track_running_stats(track_running_stats_);
+  }
+  TORCH_ARG(int64_t, num_features);
+  TORCH_ARG(double, eps) = 1e-5;
+  TORCH_ARG(std::optional<double>, momentum) = 0.1;
+  TORCH_ARG(bool, affine) = true;
+  TORCH_ARG(bool, track_running_stats) = true;
+  TORCH_ARG(std::string, activation) = "relu";
+  TORCH_ARG(std::optional<double>, activation_param) = std::nullopt;
+};
+
+// custom_bn::nn::BatchNormAct1d/2d/3d: BatchNorm + residual + activation fused,
+// forward(input, residual) = act(BN(input) + residual). Same parameters and buffers as
+// BatchNorm (a serialized torch::nn::BatchNorm loads into them); the twins of the Python
+// custom_bn.BatchNormAct1d/2d/3d.
+template <size_t D, typename Derived>
+class BatchNormActImplBase : public BatchNormImplBase<D, Derived> {
+ public:
+  // ValueError (c10::ValueError) for an unknown activation or a parameter it does not take.
+  explicit BatchNormActImplBase(const BatchNormActOptions& options_);
+
+  // input as BatchNorm's; residual: none or input's shape.
+  torch::Tensor forward(const torch::Tensor& input,
+                        const std::optional<torch::Tensor>& residual = std::nullopt);
+
+  void pretty_print(std::ostream& stream) const override;
+
+  std::string activation;
+  std::optional<double> activation_param;
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(std::optional<torch::Tensor>())})
+};
+
+class BatchNormAct1dImpl : public BatchNormActImplBase<1, BatchNormAct1dImpl> {
+ public:
+  using BatchNormActImplBase<1, BatchNormAct1dImpl>::BatchNormActImplBase;
+};
+
+class BatchNormAct2dImpl : public BatchNormActImplBase<2, BatchNormAct2dImpl> {
+ public:
+  using BatchNormActImplBase<2, BatchNormAct2dImpl>::BatchNormActImplBase;
+};
+
+class BatchNormAct3dImpl : public BatchNormActImplBase<3, BatchNormAct3dImpl> {
+ public:
+  using BatchNormActImplBase<3, BatchNormAct3dImpl>::BatchNormActImplBase;
+};
+
+extern template class BatchNormImplBase<1, BatchNormAct1dImpl>;
+extern template class BatchNormImplBase<2, BatchNormAct2dImpl>;
+extern template class BatchNormImplBase<3, BatchNormAct3dImpl>;
+extern template class BatchNormActImplBase<1, BatchNormAct1dImpl>;
+extern template class BatchNormActImplBase<2, BatchNormAct2dImpl>;
+extern template class BatchNormActImplBase<3, BatchNormAct3dImpl>;
+
+TORCH_MODULE(BatchNormAct1d);
+TORCH_MODULE(BatchNormAct2d);
+TORCH_MODULE(BatchNormAct3d);
 
 }  // namespace custom_bn::nn

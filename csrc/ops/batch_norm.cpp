@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 namespace custom_bn {
 
 TORCH_LIBRARY_FRAGMENT(custom_bn, m) {
@@ -14,6 +16,16 @@ TORCH_LIBRARY_FRAGMENT(custom_bn, m) {
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_forward(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, bool training, "
+      "float momentum, float eps, str activation, float activation_param) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
+      "str activation, float activation_param, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
@@ -34,6 +46,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
                        .findSchemaOrThrow("custom_bn::batch_norm_backward", "")
                        .typed<decltype(batch_norm_backward)>();
   return op.call(grad_output, input, weight, save_mean, save_invstd, training, eps, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
+    bool training, double momentum, double eps, c10::string_view activation,
+    double activation_param) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("custom_bn::batch_norm_act_forward", "")
+                       .typed<decltype(batch_norm_act_forward)>();
+  return op.call(input, weight, bias, running_mean, running_var, residual, training, momentum,
+                 eps, activation, activation_param);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, c10::string_view activation,
+    double activation_param, std::array<bool, 4> output_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("custom_bn::batch_norm_act_backward", "")
+                       .typed<decltype(batch_norm_act_backward)>();
+  return op.call(grad_output, input, weight, bias, residual, save_mean, save_invstd, training,
+                 eps, activation, activation_param, output_mask);
+}
+
+double resolve_activation_param(c10::string_view activation, c10::optional<double> param) {
+  parse_activation("custom_bn.batch_norm", activation);  // ValueError for an unknown name
+  const bool takes_param = activation == "leaky_relu" || activation == "elu";
+  TORCH_CHECK_VALUE(takes_param || !param.has_value(),
+                    "custom_bn.batch_norm: activation_param is the negative slope of leaky_relu "
+                    "or the alpha of elu; activation '", std::string(activation),
+                    "' takes none, got ", param.value_or(0.0));
+  if (param.has_value()) return *param;
+  return activation == "leaky_relu" ? 0.01 : activation == "elu" ? 1.0 : 0.0;
 }
 
 namespace {
@@ -65,6 +114,37 @@ at::Tensor batch_norm(const at::Tensor& input, const c10::optional<at::Tensor>& 
   return std::get<0>(batch_norm_forward(input, as_channel_vector(weight, channels),
                                         as_channel_vector(bias, channels), running_mean,
                                         running_var, training, momentum, eps));
+}
+
+at::Tensor batch_norm_act(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& running_mean,
+                          const c10::optional<at::Tensor>& running_var, bool training,
+                          double momentum, double eps, c10::string_view activation,
+                          c10::optional<double> activation_param,
+                          const c10::optional<at::Tensor>& residual) {
+  if (input.dim() == 1 && input.numel() == 0) {
+    return batch_norm_act(input.view({0, 0}), weight, bias, running_mean, running_var, training,
+                          momentum, eps, activation, activation_param,
+                          given(residual) ? c10::optional<at::Tensor>(residual->view({0, 0}))
+                              : residual)
+        .view({0});
+  }
+  if (given(residual) && residual->scalar_type() != input.scalar_type()) {
+    // As torch's BN(x) + residual: the promoted dtype (the operators take one dtype).
+    const auto common = at::promote_types(input.scalar_type(), residual->scalar_type());
+    return batch_norm_act(input.to(common), weight, bias, running_mean, running_var, training,
+                          momentum, eps, activation, activation_param, residual->to(common));
+  }
+  const double param = resolve_activation_param(activation, activation_param);
+  if (activation == "identity" && !given(residual)) {
+    return batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  }
+  const int64_t channels = input.dim() >= 2 ? input.size(1) : -1;
+  return std::get<0>(batch_norm_act_forward(
+      input, as_channel_vector(weight, channels), as_channel_vector(bias, channels), running_mean,
+      running_var, residual, training, momentum, eps, activation,
+      param));
 }
 
 }  // namespace custom_bn

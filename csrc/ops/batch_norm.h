@@ -2,6 +2,7 @@
 // Public C++ API of the batch-norm operators (installed as <custom_bn/ops/batch_norm.h>).
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <array>
 #include <tuple>
@@ -37,5 +38,42 @@ at::Tensor batch_norm(const at::Tensor& input, const c10::optional<at::Tensor>& 
                       const c10::optional<at::Tensor>& running_mean,
                       const c10::optional<at::Tensor>& running_var, bool training,
                       double momentum = 0.1, double eps = 1e-5);
+
+// The fused epilogue y = act(BN(x) [+ residual]) in one pass (activation: "identity", "relu",
+// "leaky_relu", "elu" or "silu"; activation_param: the negative slope of leaky_relu, the alpha
+// of elu; residual: input's shape and dtype, or none). custom_bn::batch_norm_act_forward:
+// otherwise as batch_norm_forward (same statistics, running-stat update and save_* outputs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
+    bool training, double momentum, double eps, c10::string_view activation,
+    double activation_param);
+
+// custom_bn::batch_norm_act_backward: (grad_input, grad_weight, grad_bias, grad_residual) of
+// batch_norm_act_forward, which it recomputes the pre-activation from (weight, bias and
+// residual as given to the forward). Masked-out gradients are empty tensors. Differentiable.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, c10::string_view activation,
+    double activation_param, std::array<bool, 4> output_mask);
+
+// activation_param as given, or the activation's default (leaky_relu 0.01, elu 1.0); a value
+// for an activation that takes none is a ValueError (c10::ValueError).
+double resolve_activation_param(c10::string_view activation, c10::optional<double> param);
+
+// act(batch_norm(input, ...) + residual), differentiable (also twice), with the conveniences of
+// batch_norm (weight/bias of any shape with C elements, the empty (0,) input); a residual of
+// another floating dtype computes both in the promoted dtype, as torch's BN(x) + residual.
+at::Tensor batch_norm_act(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& running_mean,
+                          const c10::optional<at::Tensor>& running_var, bool training,
+                          double momentum = 0.1, double eps = 1e-5,
+                          c10::string_view activation = "relu",
+                          c10::optional<double> activation_param = c10::nullopt,
+                          const c10::optional<at::Tensor>& residual = c10::nullopt);
 
 }  // namespace custom_bn

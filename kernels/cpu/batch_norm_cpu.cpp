@@ -48,14 +48,19 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
       });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
     const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual_arg,
+    bool training, double momentum, double eps, c10::string_view activation,
+    double activation_param) {
   check_batch_norm_forward_args(input_arg, weight, bias, running_mean, running_var, training,
                                 momentum, eps);
+  check_residual("custom_bn.batch_norm", input_arg, residual_arg);
+  const Activation act = parse_activation("custom_bn.batch_norm", activation);
   const auto fmt = batch_norm_memory_format(input_arg);
   const at::Tensor input = input_arg.contiguous(fmt);
+  const at::Tensor residual = given(residual_arg) ? residual_arg->contiguous(fmt) : at::Tensor();
   const auto acc = accumulate_dtype(input.scalar_type());
   const Geometry g = geometry_of(input, fmt);
   at::Tensor output = at::empty_like(input, input.options(), fmt);
@@ -77,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   cpu::selected_kernels().forward({input.scalar_type(), g, input.const_data_ptr(),
                                    output.data_ptr(), data_or_null(w), data_or_null(b),
                                    data_or_null(rm), data_or_null(rv), save_mean.data_ptr(),
-                                   save_invstd.data_ptr(), var.data(), training, eps});
+                                   save_invstd.data_ptr(), var.data(), training, eps,
+                                   data_or_null(residual), act, activation_param});
   if (training && given(running_mean)) {
     at::Tensor rm_out = *running_mean, rv_out = *running_var;
     AT_DISPATCH_FLOATING_TYPES(acc, "custom_bn_running_stats", [&] {
@@ -88,14 +94,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   return {output, save_mean, save_invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+  return batch_norm_act_forward_cpu(input, weight, bias, running_mean, running_var, c10::nullopt,
+                                    training, momentum, eps, "identity", 0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
-    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean_arg,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual_arg, const at::Tensor& save_mean_arg,
     const at::Tensor& save_invstd_arg, bool training, double /*eps*/,
-    std::array<bool, 3> output_mask) {
+    c10::string_view activation, double activation_param, std::array<bool, 4> output_mask) {
+  constexpr const char* op = "custom_bn.batch_norm_backward";
   check_batch_norm_backward_args(grad_output_arg, input_arg, weight, save_mean_arg,
                                  save_invstd_arg);
+  check_channel_counts(op, input_arg, {{&bias, "bias"}});
+  check_channel_tensors(op, input_arg, {{&weight, "weight"}, {&bias, "bias"}});
+  check_residual(op, input_arg, residual_arg);
+  const Activation act = parse_activation(op, activation);
   const auto fmt = batch_norm_memory_format(input_arg);
+  // The residual enters only through z (act'(z)); the identity never reads it.
+  const at::Tensor residual = given(residual_arg) && act != Activation::kIdentity
+                                  ? residual_arg->contiguous(fmt)
+                                  : at::Tensor();
   const at::Tensor input = input_arg.contiguous(fmt);
   const at::Tensor grad_output = grad_output_arg.contiguous(fmt);
   const at::Tensor save_mean = save_mean_arg.contiguous();
@@ -114,19 +138,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   };
   at::Tensor grad_weight = channel_grad(output_mask[1]);
   at::Tensor grad_bias = channel_grad(output_mask[2]);
+  at::Tensor grad_residual = output_mask[3] ? at::empty_like(input, input.options(), fmt)
+                                            : unrequested_gradient(input);
   if (input.numel() > 0) {
     const at::Tensor w = channel_values(weight, acc);
+    const at::Tensor b = channel_values(bias, acc);
     cpu::selected_kernels().backward(
         {input.scalar_type(), g, grad_output.const_data_ptr(), input.const_data_ptr(),
          output_mask[0] ? grad_input.data_ptr() : nullptr, data_or_null(w),
          save_mean.const_data_ptr(), save_invstd.const_data_ptr(),
          output_mask[1] ? grad_weight.data_ptr() : nullptr,
-         output_mask[2] ? grad_bias.data_ptr() : nullptr, training});
+         output_mask[2] ? grad_bias.data_ptr() : nullptr, training, data_or_null(b),
+         data_or_null(residual), output_mask[3] ? grad_residual.data_ptr() : nullptr, act,
+         activation_param});
   }
   const auto finish = [&](const at::Tensor& t) {
     return t.defined() ? t.to(param_dtype) : unrequested_gradient(input);
   };
-  return {grad_input, finish(grad_weight), finish(grad_bias)};
+  return {grad_input, finish(grad_weight), finish(grad_bias), grad_residual};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 3> output_mask) {
+  auto [grad_input, grad_weight, grad_bias, unused] = batch_norm_act_backward_cpu(
+      grad_output, input, weight, c10::nullopt, c10::nullopt, save_mean, save_invstd, training,
+      eps, "identity", 0.0, {output_mask[0], output_mask[1], output_mask[2], false});
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -134,6 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
 TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
 }
 
 }  // namespace custom_bn

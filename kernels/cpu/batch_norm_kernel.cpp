@@ -50,11 +50,11 @@ namespace custom_bn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// out = a * ka + (b - shift) * kb + kc over the whole tensor, split evenly over the threads.
-template <typename scalar_t, typename acc_t>
-void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scalar_t* b,
-                 const Coeffs<acc_t>& k) {
-  const int64_t numel = g.n * g.c * g.hw;
+// Calls tile(r0, r1, c0, c1) (channels-last: rows x channels) or run(p, len, c) (contiguous:
+// flat offset, length, channel) over the whole tensor, split evenly over the threads: the
+// driver of every elementwise pass.
+template <typename Tile, typename Run>
+void parallel_elementwise(const Geometry& g, const Tile& tile, const Run& run) {
   if (g.layout == Layout::kChannelsLast) {
     // Tasks: blocks of kBlockRows rows x blocks of at most kMaxBlockChannels channels.
     const auto [col_blocks, block_channels] = channel_blocks(g);
@@ -64,22 +64,35 @@ void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scal
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = (t / col_blocks) * kBlockRows;
         const int64_t c0 = (t % col_blocks) * block_channels;
-        affine_tile(out, a, b, k, g.c, r0, std::min(g.rows(), r0 + kBlockRows), c0,
-                    std::min(g.c, c0 + block_channels));
+        tile(r0, std::min(g.rows(), r0 + kBlockRows), c0, std::min(g.c, c0 + block_channels));
       }
     });
   } else {
-    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.n * g.c * g.hw, kGrain, [&](int64_t begin, int64_t end) {
       // Runs follow each other channel by channel: count c along instead of dividing per run.
       int64_t c = (begin / g.hw) % g.c;
-      for_each_run_piece(begin, end, g.hw, [&](int64_t run, int64_t off, int64_t len) {
-        const int64_t p = run * g.hw + off;
-        affine_run(out + p, a + p, b ? b + p : nullptr, k.ka[c], k.kc[c],
-                   k.shift ? k.shift[c] : acc_t(0), k.kb ? k.kb[c] : acc_t(0), len);
+      for_each_run_piece(begin, end, g.hw, [&](int64_t run_index, int64_t off, int64_t len) {
+        run(run_index * g.hw + off, len, c);
         if (off + len == g.hw && ++c == g.c) c = 0;
       });
     });
   }
+}
+
+// out = act(a * ka + (b - shift) * kb + kc) over the whole tensor (the b term only when b is
+// given; without shift/kb it is b + kc).
+template <typename scalar_t, typename acc_t, typename Act>
+void elementwise(const Geometry& g, scalar_t* out, const scalar_t* a, const scalar_t* b,
+                 const Coeffs<acc_t>& k, const Act& act) {
+  parallel_elementwise(
+      g,
+      [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+        affine_tile(out, a, b, k, g.c, r0, r1, c0, c1, act);
+      },
+      [&](int64_t p, int64_t len, int64_t c) {
+        affine_run(out + p, a + p, b ? b + p : nullptr, k.ka[c], k.kc[c],
+                   k.shift ? k.shift[c] : acc_t(0), k.kb ? k.kb[c] : acc_t(1), len, act);
+      });
 }
 
 // ------------------------------------------------------------------ operators
@@ -107,11 +120,12 @@ void store_batch_stats(const ForwardArgs& a, int64_t c, const WelfordStats<doubl
   fold_forward_coeffs(a, c, alpha, beta);
 }
 
-template <typename scalar_t>
-void forward_typed(const ForwardArgs& a) {
+template <typename scalar_t, typename Act>
+void forward_typed(const ForwardArgs& a, const Act& act) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
   const auto* x = static_cast<const scalar_t*>(a.x);
+  const auto* r = static_cast<const scalar_t*>(a.residual);
   auto* y = static_cast<scalar_t*>(a.y);
   std::vector<acc_t> alpha(g.c), beta(g.c);
   const Coeffs<acc_t> k{alpha.data(), beta.data()};
@@ -137,7 +151,7 @@ void forward_typed(const ForwardArgs& a) {
       }
       store_batch_stats(a, c, s, alpha.data(), beta.data());
     }
-  } else if (whole_channel_tasks(g, g.n * g.c * g.hw * int64_t(sizeof(scalar_t)))) {
+  } else if (whole_channel_tasks(g, (r ? 2 : 1) * g.n * g.c * g.hw * int64_t(sizeof(scalar_t)))) {
     at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         WelfordStats<double> s;
@@ -147,8 +161,8 @@ void forward_typed(const ForwardArgs& a) {
         store_batch_stats(a, c, s, alpha.data(), beta.data());
         for (int64_t n = 0; n < g.n; ++n) {
           const int64_t p = (n * g.c + c) * g.hw;
-          affine_run(y + p, x + p, static_cast<const scalar_t*>(nullptr), alpha[c], beta[c],
-                     acc_t(0), acc_t(0), g.hw);
+          affine_run(y + p, x + p, r ? r + p : nullptr, alpha[c], beta[c], acc_t(0), acc_t(1),
+                     g.hw, act);
         }
       }
     });
@@ -165,7 +179,7 @@ void forward_typed(const ForwardArgs& a) {
       store_batch_stats(a, c, s, alpha.data(), beta.data());
     }
   }
-  elementwise(g, y, x, static_cast<const scalar_t*>(nullptr), k);
+  elementwise(g, y, x, r, k, act);
 }
 
 // Per-channel sums of the backward.
@@ -180,23 +194,79 @@ BackwardCoeffs<acc_t> fold_backward_coeffs(const BackwardArgs& a, const ChannelS
                        acc_t(sums[c].dy), acc_t(sums[c].dot), acc_t(a.g.count()), a.training);
 }
 
-// The reductions of the backward into sums; when `fused`, also grad_input of each channel
-// right after its sums (contiguous layout, whole channels per task). Returns whether grad_input
-// was written.
-template <typename scalar_t>
-bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
+// What the backward passes read: dy (through the activation, recomputing z from x, residual
+// and the forward's coefficients alpha/beta) and x.
+template <typename scalar_t, typename Act>
+struct GradSource {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* r;
+  std::vector<acc_t> alpha, beta;  // empty for the identity
+  const Act& act;
+
+  GradSource(const BackwardArgs& a, const Act& activation)
+      : dy(static_cast<const scalar_t*>(a.dy)),
+        x(static_cast<const scalar_t*>(a.x)),
+        r(static_cast<const scalar_t*>(a.residual)),
+        act(activation) {
+    if constexpr (Act::kIdentity) return;
+    const acc_t* w = static_cast<const acc_t*>(a.weight);
+    const acc_t* b = static_cast<const acc_t*>(a.bias);
+    alpha.resize(a.g.c);
+    beta.resize(a.g.c);
+    for (int64_t c = 0; c < a.g.c; ++c) {
+      // The forward's fold_forward_coeffs, from the same values: the same z, bit for bit.
+      const auto k = fold_affine(static_cast<const acc_t*>(a.mean)[c],
+                                 static_cast<const acc_t*>(a.invstd)[c], w ? w[c] : acc_t(1),
+                                 b ? b[c] : acc_t(0));
+      alpha[c] = k.alpha;
+      beta[c] = k.beta;
+    }
+  }
+
+  // Channel c's values from flat offset p (contiguous layout).
+  RunGrad<scalar_t, Act> run(int64_t p, int64_t c) const {
+    using Vec = typename RunGrad<scalar_t, Act>::Vec;
+    const bool id = Act::kIdentity;
+    return {dy + p, x + p, r ? r + p : nullptr, Vec(id ? acc_t(0) : alpha[c]),
+            Vec(id ? acc_t(0) : beta[c]), act};
+  }
+  TileGrad<scalar_t, Act> tile() const { return {dy, x, r, alpha.data(), beta.data(), act}; }
+};
+
+// grad_input (and grad_residual) of len values of channel c from flat offset p (contiguous).
+template <typename scalar_t, typename Act>
+void grad_input_run(const BackwardArgs& a, const GradSource<scalar_t, Act>& src, int64_t p,
+                    int64_t c, int64_t len, const BackwardCoeffs<at::opmath_type<scalar_t>>& k) {
+  auto* dx = static_cast<scalar_t*>(a.dx);
+  auto* dres = static_cast<scalar_t*>(a.dres);
+  if (Act::kIdentity && !dres) {
+    affine_run(dx + p, src.dy + p, a.training ? src.x + p : nullptr, k.k_dy, k.k_c, k.mean,
+               k.k_x, len);
+  } else {
+    act_grad_input_run(dx ? dx + p : nullptr, dres ? dres + p : nullptr, src.run(p, c), len, k);
+  }
+}
+
+// The reductions of the backward into sums; when `fused`, also the second pass (grad_input,
+// grad_residual) of each channel right after its sums (contiguous layout, whole channels per
+// task). Returns whether the second pass was done.
+template <typename scalar_t, typename Act>
+bool backward_sums(const BackwardArgs& a, const GradSource<scalar_t, Act>& src,
+                   ChannelSums& sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
-  const auto* x = static_cast<const scalar_t*>(a.x);
-  const auto* dy = static_cast<const scalar_t*>(a.dy);
   auto* dx = static_cast<scalar_t*>(a.dx);
+  auto* dres = static_cast<scalar_t*>(a.dres);
   const auto* mean = static_cast<const acc_t*>(a.mean);
 
   if (g.layout == Layout::kChannelsLast) {
     const RowTiles t = row_tiles(g);
     std::vector<GradSums> partial(t.ranges * g.c);
+    const auto tile = src.tile();
     for_each_tile(g, t, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t range) {
-      tile_grad_sums(dy, x, g, mean, r0, r1, c0, c1, partial.data() + range * g.c);
+      tile_grad_sums(tile, g, mean, r0, r1, c0, c1, partial.data() + range * g.c);
     });
     for (int64_t c = 0; c < g.c; ++c) {
       GradSums s;
@@ -205,31 +275,31 @@ bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
     }
     return false;
   }
-  if (whole_channel_tasks(g, 2 * g.n * g.c * g.hw * int64_t(sizeof(scalar_t)))) {
+  const int64_t tensors = 2 + (src.r ? 1 : 0);
+  if (whole_channel_tasks(g, tensors * g.n * g.c * g.hw * int64_t(sizeof(scalar_t)))) {
     // Sums, then grad_input of the same channel while x and dy are cached.
     at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         GradSums s;
         for (int64_t n = 0; n < g.n; ++n) {
           const int64_t p = (n * g.c + c) * g.hw;
-          s.add(run_grad_sums(dy + p, x + p, g.hw, mean[c]));
+          s.add(run_grad_sums(src.run(p, c), g.hw, mean[c]));
         }
         sums[c] = s;
-        if (!dx) continue;
+        if (!dx && !dres) continue;
         const auto k = fold_backward_coeffs<acc_t>(a, sums, c);
         for (int64_t n = 0; n < g.n; ++n) {
           const int64_t p = (n * g.c + c) * g.hw;
-          affine_run(dx + p, dy + p, a.training ? x + p : nullptr, k.k_dy, k.k_c, k.mean, k.k_x,
-                     g.hw);
+          grad_input_run(a, src, p, c, g.hw, k);
         }
       }
     });
-    return dx != nullptr;
+    return dx || dres;
   }
   const RunPieces p = run_pieces(g);
   std::vector<GradSums> partial(p.tasks);
   for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len, int64_t c) {
-    partial[task] = run_grad_sums(dy + off, x + off, len, mean[c]);
+    partial[task] = run_grad_sums(src.run(off, c), len, mean[c]);
   });
   for (int64_t c = 0; c < g.c; ++c) {
     GradSums s;
@@ -239,19 +309,19 @@ bool backward_sums(const BackwardArgs& a, ChannelSums& sums) {
   return false;
 }
 
-template <typename scalar_t>
-void backward_typed(const BackwardArgs& a) {
+template <typename scalar_t, typename Act>
+void backward_typed(const BackwardArgs& a, const Act& act) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
-  const auto* x = static_cast<const scalar_t*>(a.x);
-  const auto* dy = static_cast<const scalar_t*>(a.dy);
   auto* dx = static_cast<scalar_t*>(a.dx);
+  auto* dres = static_cast<scalar_t*>(a.dres);
+  const GradSource<scalar_t, Act> src(a, act);
   // The sums feed grad_weight/grad_bias and, in training, grad_input.
   const bool need_sums = a.grad_weight || a.grad_bias || (a.training && dx);
   ChannelSums sums(g.c);  // zero unless computed
-  const bool dx_done = need_sums && backward_sums<scalar_t>(a, sums);
+  const bool second_pass_done = need_sums && backward_sums(a, src, sums);
 
-  if (dx && !dx_done) {
+  if ((dx || dres) && !second_pass_done) {
     std::vector<acc_t> k_dy(g.c), k_x(g.c), k_c(g.c);
     for (int64_t c = 0; c < g.c; ++c) {
       const auto k = fold_backward_coeffs<acc_t>(a, sums, c);
@@ -259,13 +329,24 @@ void backward_typed(const BackwardArgs& a) {
       k_x[c] = k.k_x;
       k_c[c] = k.k_c;
     }
-    if (a.training) {
-      elementwise(g, dx, dy, x,
-                  Coeffs<acc_t>{k_dy.data(), k_c.data(), static_cast<const acc_t*>(a.mean),
-                                k_x.data()});
+    const auto* mean = static_cast<const acc_t*>(a.mean);
+    const Coeffs<acc_t> k{k_dy.data(), k_c.data(), mean, k_x.data()};
+    if (Act::kIdentity && !dres) {
+      // Plain batch norm: the affine map of dy (and, in training, x).
+      elementwise(g, dx, src.dy, a.training ? src.x : nullptr,
+                  a.training ? k : Coeffs<acc_t>{k_dy.data(), k_c.data()},
+                  VecActivation<Activation::kIdentity, acc_t>{});
     } else {
-      elementwise(g, dx, dy, static_cast<const scalar_t*>(nullptr),
-                  Coeffs<acc_t>{k_dy.data(), k_c.data()});
+      const auto tile = src.tile();
+      parallel_elementwise(
+          g,
+          [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+            act_grad_input_tile(dx, dres, tile, k, g.c, r0, r1, c0, c1);
+          },
+          [&](int64_t p, int64_t len, int64_t c) {
+            grad_input_run(a, src, p, c, len,
+                           BackwardCoeffs<acc_t>{k_dy[c], k_x[c], k_c[c], mean[c]});
+          });
     }
   }
   const auto* invstd = static_cast<const acc_t*>(a.invstd);
@@ -276,13 +357,17 @@ void backward_typed(const BackwardArgs& a) {
 }
 
 void forward(const ForwardArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_forward_cpu",
-                                  [&] { forward_typed<scalar_t>(a); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_forward_cpu", [&] {
+    with_activation<at::opmath_type<scalar_t>>(
+        a.activation, a.activation_param, [&](const auto& act) { forward_typed<scalar_t>(a, act); });
+  });
 }
 
 void backward(const BackwardArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_backward_cpu",
-                                  [&] { backward_typed<scalar_t>(a); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_backward_cpu", [&] {
+    with_activation<at::opmath_type<scalar_t>>(
+        a.activation, a.activation_param, [&](const auto& act) { backward_typed<scalar_t>(a, act); });
+  });
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 // structs cross this line, so the per-ISA objects hold no tensor code of their own.
 #include <c10/core/ScalarType.h>
 
+#include "common/activation.h"
 #include "common/geometry.h"
 
 namespace custom_bn::cpu {
@@ -30,6 +31,10 @@ struct ForwardArgs {
   double* var;
   bool training;
   double eps;
+  // The fused epilogue y = act(BN(x) + residual): residual nullptr for none.
+  const void* residual;
+  Activation activation;
+  double activation_param;
 };
 
 struct BackwardArgs {
@@ -44,6 +49,14 @@ struct BackwardArgs {
   void* grad_weight;  // nullptr when not requested: sum(dy * (x - mean)) * invstd
   void* grad_bias;    // nullptr when not requested: sum(dy)
   bool training;
+  // The fused epilogue's backward: dy goes through act'(z), z = x * alpha + beta + residual
+  // recomputed with the forward's alpha/beta (from weight, bias, mean, invstd). dres (nullptr
+  // when not requested) receives dy * act'(z), the residual's gradient.
+  const void* bias;  // nullptr: 0
+  const void* residual;
+  void* dres;
+  Activation activation;
+  double activation_param;
 };
 
 struct Kernels {

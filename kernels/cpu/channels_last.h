@@ -12,6 +12,7 @@
 
 #include "common/geometry.h"
 #include "common/welford.h"
+#include "activation_vec.h"
 #include "vectorized.h"
 
 namespace custom_bn::cpu {
@@ -44,12 +45,14 @@ void for_each_block_step(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const F
   }
 }
 
-// out = a * ka[c] + (b - shift[c]) * kb[c] + kc[c] over rows [r0, r1) x channels [c0, c1) of a
-// channels-last tensor (b term only when b is given), row after row: a streaming pass reads
-// and writes memory in order, and the coefficients come from L1.
-template <typename scalar_t, typename acc_t>
+// out = act(a * ka[c] + (b - shift[c]) * kb[c] + kc[c]) over rows [r0, r1) x channels [c0, c1)
+// of a channels-last tensor, row after row: a streaming pass reads and writes memory in order,
+// and the coefficients come from L1. The b term only when b is given; without shift/kb it is
+// b + kc (the forward's residual: z = x * alpha + (r + beta), as affine_run).
+template <typename scalar_t, typename acc_t,
+          typename Act = VecActivation<Activation::kIdentity, acc_t>>
 void affine_tile(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coeffs<acc_t>& k,
-                 int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+                 int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const Act& act = {}) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Pair = typename IO::Pair;
@@ -59,12 +62,18 @@ void affine_tile(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coef
     Vec t0 = kc.first, t1 = kc.second;
     if (b) {
       const Pair y = IO::load(b + p, count);
-      const Pair shift = IO::load_acc(k.shift + c, count), kb = IO::load_acc(k.kb + c, count);
-      t0 = at::vec::fmadd(y.first - shift.first, kb.first, t0);
-      t1 = at::vec::fmadd(y.second - shift.second, kb.second, t1);
+      if (k.shift) {
+        const Pair shift = IO::load_acc(k.shift + c, count), kb = IO::load_acc(k.kb + c, count);
+        t0 = at::vec::fmadd(y.first - shift.first, kb.first, t0);
+        t1 = at::vec::fmadd(y.second - shift.second, kb.second, t1);
+      } else {
+        t0 = y.first + t0;
+        t1 = y.second + t1;
+      }
     }
     IO::store(out + p,
-              Pair{at::vec::fmadd(x.first, ka.first, t0), at::vec::fmadd(x.second, ka.second, t1)},
+              act.forward(Pair{at::vec::fmadd(x.first, ka.first, t0),
+                               at::vec::fmadd(x.second, ka.second, t1)}),
               count);
   };
   for (int64_t r = r0; r < r1; ++r) {
@@ -73,6 +82,38 @@ void affine_tile(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coef
     if (c < c1) step(r * C + c, c, c1 - c);
   }
 }
+
+// The fused backward on a channels-last tensor: z = x * alpha[c] + (r + beta[c]) recomputed as
+// the forward computed it, dz = dy * act'(z) (r: the residual, or nullptr).
+template <typename scalar_t, typename Act>
+struct TileGrad {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Pair = typename IO::Pair;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* r;
+  const acc_t* alpha;
+  const acc_t* beta;
+  const Act& act;
+
+  // (dz, x) at element p, channel c
+  template <typename Count>
+  std::pair<Pair, Pair> load(int64_t p, int64_t c, Count count) const {
+    const Pair g = IO::load(dy + p, count);
+    const Pair xv = IO::load(x + p, count);
+    if constexpr (Act::kIdentity) return {g, xv};
+    const Pair al = IO::load_acc(alpha + c, count);
+    Pair t = IO::load_acc(beta + c, count);
+    if (r) {
+      const Pair rv = IO::load(r + p, count);
+      t = {rv.first + t.first, rv.second + t.second};
+    }
+    const Pair z{at::vec::fmadd(xv.first, al.first, t.first),
+                 at::vec::fmadd(xv.second, al.second, t.second)};
+    return {act.grad(g, z), xv};
+  }
+};
 
 // Channels in blocks of at most kMaxBlockChannels, as even as possible: (blocks, block width).
 std::pair<int64_t, int64_t> channel_blocks(const Geometry& g) {
@@ -166,9 +207,10 @@ void tile_stats(const scalar_t* x, const Geometry& g, int64_t r0, int64_t r1, in
   std::copy(total.begin(), total.end(), out + c0);
 }
 
-// sum(dy) and sum(dy * (x - mean)) of rows [r0, r1) x channels [c0, c1), written to out[c0, c1).
-template <typename scalar_t>
-void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
+// sum(dz) and sum(dz * (x - mean)) of rows [r0, r1) x channels [c0, c1), written to
+// out[c0, c1); src gives dz (dy through the activation) and x.
+template <typename scalar_t, typename Act>
+void tile_grad_sums(const TileGrad<scalar_t, Act>& src, const Geometry& g,
                     const at::opmath_type<scalar_t>* mean, int64_t r0, int64_t r1, int64_t c0,
                     int64_t c1, GradSums* out) {
   using IO = VecIO<scalar_t>;
@@ -187,8 +229,7 @@ void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
       const Pair m = IO::load_acc(mean + c0 + c, count);
       Pair s = IO::load_acc(sum.data() + c, count), t = IO::load_acc(dot.data() + c, count);
       for (int64_t i = rb; i < re; ++i) {
-        const Pair gv = IO::load(dy + i * g.c + c0 + c, count);
-        const Pair xv = IO::load(x + i * g.c + c0 + c, count);
+        const auto [gv, xv] = src.load(i * g.c + c0 + c, c0 + c, count);
         s = {s.first + gv.first, s.second + gv.second};
         t = {at::vec::fmadd(gv.first, xv.first - m.first, t.first),
              at::vec::fmadd(gv.second, xv.second - m.second, t.second)};
@@ -197,6 +238,34 @@ void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,
       IO::store_acc(dot.data() + c, t, count);
     });
     for (int64_t c = 0; c < width; ++c) out[c0 + c].add({double(sum[c]), double(dot[c])});
+  }
+}
+
+// dx = dz * k_dy[c] + (x - mean[c]) * k_x[c] + k_c[c] (when dx is given) and dres = dz (when
+// dres is given) over rows [r0, r1) x channels [c0, c1), row after row.
+template <typename scalar_t, typename Act>
+void act_grad_input_tile(scalar_t* dx, scalar_t* dres, const TileGrad<scalar_t, Act>& src,
+                         const Coeffs<at::opmath_type<scalar_t>>& k, int64_t C, int64_t r0,
+                         int64_t r1, int64_t c0, int64_t c1) {
+  using IO = VecIO<scalar_t>;
+  using Pair = typename IO::Pair;
+  const auto step = [&](int64_t p, int64_t c, auto count) {
+    const auto [g, xv] = src.load(p, c, count);
+    if (dres) IO::store(dres + p, g, count);
+    if (!dx) return;
+    const Pair ka = IO::load_acc(k.ka + c, count), kc = IO::load_acc(k.kc + c, count);
+    const Pair m = IO::load_acc(k.shift + c, count), kb = IO::load_acc(k.kb + c, count);
+    const Pair t{at::vec::fmadd(xv.first - m.first, kb.first, kc.first),
+                 at::vec::fmadd(xv.second - m.second, kb.second, kc.second)};
+    IO::store(dx + p,
+              Pair{at::vec::fmadd(g.first, ka.first, t.first),
+                   at::vec::fmadd(g.second, ka.second, t.second)},
+              count);
+  };
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t c = c0;
+    for (; c + IO::kStep <= c1; c += IO::kStep) step(r * C + c, c, std::true_type{});
+    if (c < c1) step(r * C + c, c, c1 - c);
   }
 }
 

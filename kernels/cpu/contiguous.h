@@ -11,8 +11,10 @@
 #include <cstdlib>
 #include <vector>
 
+#include "common/batch_norm_math.h"
 #include "common/geometry.h"
 #include "common/welford.h"
+#include "activation_vec.h"
 #include "vectorized.h"
 
 namespace custom_bn::cpu {
@@ -72,42 +74,13 @@ WelfordStats<double> run_stats(const scalar_t* x, int64_t n) {
   return s;
 }
 
-template <typename scalar_t>
-GradSums run_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
-                       at::opmath_type<scalar_t> mean) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  const Vec vmean(mean);
-  GradSums total;
-  for (int64_t off = 0; off < n; off += kChunk) {
-    const int64_t end = std::min(n, off + kChunk);
-    Vec s0(acc_t(0)), s1(acc_t(0)), d0(acc_t(0)), d1(acc_t(0));
-    int64_t i = off;
-    for (; i + IO::kStep <= end; i += IO::kStep) {
-      const auto [g0, g1] = IO::load2(dy + i);
-      const auto [x0, x1] = IO::load2(x + i);
-      s0 += g0;
-      s1 += g1;
-      d0 = at::vec::fmadd(g0, x0 - vmean, d0);
-      d1 = at::vec::fmadd(g1, x1 - vmean, d1);
-    }
-    acc_t sum = horizontal_sum(s0 + s1), dot = horizontal_sum(d0 + d1);
-    for (; i < end; ++i) {
-      const acc_t g = acc_t(dy[i]);
-      sum += g;
-      dot += g * (acc_t(x[i]) - mean);
-    }
-    total.add({double(sum), double(dot)});
-  }
-  return total;
-}
-
-// out[i] = a[i] * ka + (b[i] - shift) * kb + kc for i < n: one channel's values (contiguous
-// layout), the b term only when b is given.
-template <typename scalar_t, typename acc_t>
+// out[i] = act(a[i] * ka + (b[i] - shift) * kb + kc) for i < n: one channel's values
+// (contiguous layout), the b term only when b is given. The forward passes the residual as b
+// (shift 0, kb 1): z = x * alpha + (r + beta), the order the fused backward recomputes z in.
+template <typename scalar_t, typename acc_t,
+          typename Act = VecActivation<Activation::kIdentity, acc_t>>
 void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, acc_t kc,
-                acc_t shift, acc_t kb, int64_t n) {
+                acc_t shift, acc_t kb, int64_t n, const Act& act = {}) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Pair = typename IO::Pair;
@@ -120,8 +93,93 @@ void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, a
       t0 = at::vec::fmadd(y.first - vshift, vkb, vkc);
       t1 = at::vec::fmadd(y.second - vshift, vkb, vkc);
     }
-    IO::store(out + i, Pair{at::vec::fmadd(x.first, vka, t0), at::vec::fmadd(x.second, vka, t1)},
+    IO::store(out + i,
+              act.forward(Pair{at::vec::fmadd(x.first, vka, t0), at::vec::fmadd(x.second, vka, t1)}),
               count);
+  };
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) step(i, std::true_type{});
+  if (i < n) step(i, n - i);
+}
+
+// The fused backward of one channel's values: z = x * alpha + (r + beta) is recomputed as the
+// forward computed it and dz = dy * act'(z) (r: the residual, or nullptr).
+template <typename scalar_t, typename Act>
+struct RunGrad {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  using Pair = typename IO::Pair;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* r;
+  Vec alpha, beta;
+  const Act& act;
+
+  // (dz, x) at offset i
+  template <typename Count>
+  std::pair<Pair, Pair> load(int64_t i, Count count) const {
+    const Pair g = IO::load(dy + i, count);
+    const Pair xv = IO::load(x + i, count);
+    if constexpr (Act::kIdentity) return {g, xv};
+    Pair t{beta, beta};
+    if (r) {
+      const Pair rv = IO::load(r + i, count);
+      t = {rv.first + beta, rv.second + beta};
+    }
+    const Pair z{at::vec::fmadd(xv.first, alpha, t.first), at::vec::fmadd(xv.second, alpha, t.second)};
+    return {act.grad(g, z), xv};
+  }
+};
+
+// sum(dz) and sum(dz * (x - mean)) of n values of one channel; src gives dz (dy through the
+// activation) and x.
+template <typename scalar_t, typename Act>
+GradSums run_grad_sums(const RunGrad<scalar_t, Act>& src, int64_t n,
+                           at::opmath_type<scalar_t> mean) {
+  using R = RunGrad<scalar_t, Act>;
+  using Vec = typename R::Vec;
+  using acc_t = typename R::acc_t;
+  const Vec vmean(mean);
+  GradSums total;
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t end = std::min(n, off + kChunk);
+    Vec s0(acc_t(0)), s1(acc_t(0)), d0(acc_t(0)), d1(acc_t(0));
+    // Masked lanes load dy = 0, hence dz = 0: they add nothing.
+    const auto step = [&](int64_t i, auto count) {
+      const auto [g, xv] = src.load(i, count);
+      s0 += g.first;
+      s1 += g.second;
+      d0 = at::vec::fmadd(g.first, xv.first - vmean, d0);
+      d1 = at::vec::fmadd(g.second, xv.second - vmean, d1);
+    };
+    int64_t i = off;
+    for (; i + R::IO::kStep <= end; i += R::IO::kStep) step(i, std::true_type{});
+    if (i < end) step(i, end - i);
+    total.add({double(horizontal_sum(s0 + s1)), double(horizontal_sum(d0 + d1))});
+  }
+  return total;
+}
+
+// dx = dz * k_dy + (x - mean) * k_x + k_c (when dx is given) and dres = dz (when dres is given)
+// for n values of one channel.
+template <typename scalar_t, typename Act>
+void act_grad_input_run(scalar_t* dx, scalar_t* dres, const RunGrad<scalar_t, Act>& src,
+                        int64_t n, const BackwardCoeffs<at::opmath_type<scalar_t>>& k) {
+  using R = RunGrad<scalar_t, Act>;
+  using IO = typename R::IO;
+  using Vec = typename R::Vec;
+  using Pair = typename R::Pair;
+  const Vec k_dy(k.k_dy), k_x(k.k_x), k_c(k.k_c), vmean(k.mean);
+  const auto step = [&](int64_t i, auto count) {
+    const auto [g, xv] = src.load(i, count);
+    if (dres) IO::store(dres + i, g, count);
+    if (dx) {
+      const Vec t0 = at::vec::fmadd(xv.first - vmean, k_x, k_c);
+      const Vec t1 = at::vec::fmadd(xv.second - vmean, k_x, k_c);
+      IO::store(dx + i, Pair{at::vec::fmadd(g.first, k_dy, t0), at::vec::fmadd(g.second, k_dy, t1)},
+                count);
+    }
   };
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) step(i, std::true_type{});

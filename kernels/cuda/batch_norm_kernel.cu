@@ -1,5 +1,5 @@
-// CUDA launchers of custom_bn::batch_norm_forward and custom_bn::batch_norm_backward: the real
-// GPU backend of the launch sequence in batch_norm_launch.h (the emulated kernel tests in
+// CUDA launchers of custom_bn::batch_norm_forward / batch_norm_backward and of their fused
+// variants batch_norm_act_forward / batch_norm_act_backward: the real GPU backend of the launch sequence in batch_norm_launch.h (the emulated kernel tests in
 // tests/cpp/emulator run that same sequence with a CPU backend). Kernel bodies are in
 // batch_norm_kernel.cuh, grid/block/shared-memory choices in launch_config.h.
 #include <ATen/ATen.h>
@@ -54,11 +54,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
                                           save_invstd, training, output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
+    bool training, double momentum, double eps, c10::string_view activation,
+    double activation_param) {
+  const Activation act = parse_activation("custom_bn.batch_norm", activation);
+  return cuda_launch::batch_norm_act_forward(CudaBackend{}, input, weight, bias, running_mean,
+                                             running_var, residual, training, momentum, eps, act,
+                                             activation_param);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double /*eps: folded into save_invstd*/,
+    c10::string_view activation, double activation_param, std::array<bool, 4> output_mask) {
+  const Activation act = parse_activation("custom_bn.batch_norm_backward", activation);
+  return cuda_launch::batch_norm_act_backward(CudaBackend{}, grad_output, input, weight, bias,
+                                              residual, save_mean, save_invstd, training, act,
+                                              activation_param, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(custom_bn, CUDA, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cuda);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
 }
 
 }  // namespace custom_bn

@@ -1,18 +1,25 @@
 #pragma once
-// CUDA kernel bodies of custom_bn::batch_norm_forward / batch_norm_backward. Launch shapes come
-// from launch_config.h, the launch sequence from batch_norm_launch.h. Only device_primitives.cuh
-// and kernels/common are used, so the CPU emulator of tests/cpp/emulator runs these same bodies.
+// CUDA kernel bodies of custom_bn::batch_norm_act_forward / batch_norm_act_backward (the plain
+// batch_norm_forward / batch_norm_backward are their identity, residual-free case). Launch shapes
+// come from launch_config.h, the launch sequence from batch_norm_launch.h. Only
+// device_primitives.cuh and kernels/common are used, so the CPU emulator of tests/cpp/emulator
+// runs these same bodies.
 //
 // Forward (training): collect_stats (Welford per channel, last block merges and finalizes:
-// save_mean, save_invstd, running stats) then transform (y = x * alpha + beta).
+// save_mean, save_invstd, running stats) then transform (y = act(x * alpha + (residual + beta))).
 // Forward (eval): eval_stats (per channel, from the running stats) then transform.
-// Backward: backward_reduce (sum dy, sum dy * (x - mean); last block writes them and grad_weight
-// / grad_bias) then backward_elementwise (dx = dy * k_dy + (x - mean) * k_x + k_c).
+// Backward: backward_reduce (sum dz, sum dz * (x - mean) with dz = dy * act'(z); last block
+// writes them and grad_weight / grad_bias) then backward_elementwise (dx = dz * k_dy +
+// (x - mean) * k_x + k_c, grad_residual = dz).
+//
+// The activation is a template parameter (kAct): the identity compiles to the plain batch norm,
+// and no kernel switches on the activation per element. The residual is a nullable pointer.
 //
 // Every reduction splits a channel over grid.y blocks. Each block writes its partial result to
 // a workspace and bumps the channel's (or channel tile's) counter; the block that arrives last
 // merges the partials. No block ever waits for another, so any grid fits on any device and the
 // emulator can run blocks one after another.
+#include "../common/activation.h"
 #include "../common/batch_norm_math.h"
 #include "../common/welford.h"
 #include "device_primitives.cuh"
@@ -57,6 +64,8 @@ struct WelfordOp {
   }
 };
 
+// dy is the gradient at the pre-activation z here (dz = dy * act'(z)); for the identity, the
+// output's gradient itself.
 template <typename acc_t>
 struct GradSums {
   acc_t sum_dy = acc_t(0);
@@ -362,57 +371,122 @@ CBN_DEVICE AffineCoeffs<acc_t> forward_coeffs(int64_t c, const acc_t* mean, cons
                      channel_value_or(bias, c, acc_t(0)));
 }
 
-// y = x * alpha + beta: one fused multiply-add per element in acc_t.
-template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
+// z = x * alpha + (residual + beta): the residual joins beta first, so that z stays one fused
+// multiply-add per element. The forward and the backward's recomputation of z both call this one
+// function, so z is bit for bit the same in both: relu's mask in the backward is the output's.
+template <typename scalar_t, typename acc_t, typename index_t>
+CBN_DEVICE acc_t pre_activation(const AffineCoeffs<acc_t>& k, acc_t x, const scalar_t* residual,
+                                index_t off) {
+  const acc_t shift = residual != nullptr ? static_cast<acc_t>(residual[off]) + k.beta : k.beta;
+  return x * k.alpha + shift;
+}
+
+template <Activation kAct, typename scalar_t, typename acc_t, typename index_t>
+CBN_DEVICE scalar_t forward_element(const AffineCoeffs<acc_t>& k, acc_t activation_param,
+                                    const scalar_t* input, const scalar_t* residual,
+                                    index_t off) {
+  const acc_t z = pre_activation(k, static_cast<acc_t>(input[off]), residual, off);
+  return static_cast<scalar_t>(activation_forward(kAct, activation_param, z));
+}
+
+// y = act(x * alpha + (residual + beta)) in acc_t, residual null for none.
+template <Activation kAct, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_transform_contiguous_kernel(
-    const scalar_t* input, scalar_t* output, const acc_t* mean, const acc_t* invstd,
-    const param_t* weight, const param_t* bias, index_t N, index_t C, index_t HW, int splits_n) {
+    const scalar_t* input, const scalar_t* residual, scalar_t* output, const acc_t* mean,
+    const acc_t* invstd, const param_t* weight, const param_t* bias, acc_t activation_param,
+    index_t N, index_t C, index_t HW, int splits_n) {
   const auto k = forward_coeffs(dev::block_idx_x(), mean, invstd, weight, bias);
   for_each_contiguous(N, C, HW, splits_n, [&](index_t off) {
-    output[off] = static_cast<scalar_t>(static_cast<acc_t>(input[off]) * k.alpha + k.beta);
+    output[off] = forward_element<kAct>(k, activation_param, input, residual, off);
   });
 }
 
-template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
+template <Activation kAct, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_transform_channels_last_kernel(
-    const scalar_t* input, scalar_t* output, const acc_t* mean, const acc_t* invstd,
-    const param_t* weight, const param_t* bias, index_t rows, index_t C) {
+    const scalar_t* input, const scalar_t* residual, scalar_t* output, const acc_t* mean,
+    const acc_t* invstd, const param_t* weight, const param_t* bias, acc_t activation_param,
+    index_t rows, index_t C) {
   const index_t c = channels_last_channel<index_t>();
   if (c >= C) return;  // no barrier below
   const auto k = forward_coeffs(c, mean, invstd, weight, bias);
   for_each_channels_last(rows, C, c, [&](index_t off) {
-    output[off] = static_cast<scalar_t>(static_cast<acc_t>(input[off]) * k.alpha + k.beta);
+    output[off] = forward_element<kAct>(k, activation_param, input, residual, off);
   });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-// Per-channel sums of the backward. The channel's total goes to sum_dy / sum_dy_xmu (read by
-// the elementwise kernel) and, when requested, to grad_weight / grad_bias in acc_t.
-template <typename scalar_t, typename acc_t>
+// What the backward needs to recompute the forward's z (pre_activation): the affine parameters
+// (alpha and beta are folded again from the saved statistics, as the forward folded them), the
+// residual (null: none) and the activation's parameter. weight also scales dx.
+template <typename scalar_t, typename param_t, typename acc_t>
+struct EpilogueInputs {
+  const param_t* weight;  // null: 1
+  const param_t* bias;    // null: 0
+  const scalar_t* residual;
+  acc_t activation_param;
+};
+
+// One channel's dy -> dz = dy * act'(z). The identity's dz is dy: it reads neither x nor the
+// residual, and the coefficients stay unset.
+template <Activation kAct, typename scalar_t, typename acc_t>
+struct ActivationBackward {
+  AffineCoeffs<acc_t> k;
+  const scalar_t* residual;
+  acc_t activation_param;
+
+  template <typename index_t>
+  CBN_DEVICE acc_t grad(acc_t dy, acc_t x, index_t off) const {
+    if constexpr (kAct == Activation::kIdentity) {
+      return dy;
+    } else {
+      return activation_grad(kAct, activation_param, dy, pre_activation(k, x, residual, off));
+    }
+  }
+};
+
+template <Activation kAct, typename scalar_t, typename param_t, typename acc_t>
+CBN_DEVICE ActivationBackward<kAct, scalar_t, acc_t> activation_backward(
+    int64_t c, const acc_t* mean, const acc_t* invstd,
+    const EpilogueInputs<scalar_t, param_t, acc_t>& e) {
+  if constexpr (kAct == Activation::kIdentity) {
+    return {};
+  } else {
+    return {forward_coeffs(c, mean, invstd, e.weight, e.bias), e.residual, e.activation_param};
+  }
+}
+
+// Per-channel sums of the backward, over dz. The channel's total goes to sum_dy / sum_dy_xmu
+// (read by the elementwise kernel) and, when requested, to grad_weight / grad_bias in acc_t.
+template <Activation kAct, typename scalar_t, typename param_t, typename acc_t>
 struct BackwardReduce {
   using Op = GradSumsOp<acc_t>;
   struct Channel {
     acc_t mean;
+    ActivationBackward<kAct, scalar_t, acc_t> act;
   };
 
   const scalar_t* grad_output;
   const scalar_t* input;
   const acc_t* mean;
   const acc_t* invstd;
+  EpilogueInputs<scalar_t, param_t, acc_t> epilogue;
   acc_t* sum_dy;
   acc_t* sum_dy_xmu;
   acc_t* grad_weight;  // null: not requested
   acc_t* grad_bias;    // null: not requested
 
-  CBN_DEVICE Channel channel(int64_t c) const { return {mean[c]}; }
+  CBN_DEVICE Channel channel(int64_t c) const {
+    return {mean[c], activation_backward<kAct>(c, mean, invstd, epilogue)};
+  }
 
   template <typename index_t>
-  CBN_DEVICE void accumulate(GradSums<acc_t>& s, Channel ch, index_t off) const {
-    const acc_t dy = static_cast<acc_t>(grad_output[off]);
-    s.sum_dy += dy;
-    s.sum_dy_xmu += dy * (static_cast<acc_t>(input[off]) - ch.mean);
+  CBN_DEVICE void accumulate(GradSums<acc_t>& s, const Channel& ch, index_t off) const {
+    const acc_t x = static_cast<acc_t>(input[off]);
+    const acc_t dz = ch.act.grad(static_cast<acc_t>(grad_output[off]), x, off);
+    s.sum_dy += dz;
+    s.sum_dy_xmu += dz * (x - ch.mean);
   }
 
   CBN_DEVICE void finalize(int64_t c, const GradSums<acc_t>& s) const {
@@ -423,22 +497,22 @@ struct BackwardReduce {
   }
 };
 
-template <typename scalar_t, typename acc_t, typename index_t>
+template <Activation kAct, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_backward_reduce_contiguous_kernel(
-    BackwardReduce<scalar_t, acc_t> policy, index_t N, index_t C, index_t HW, int splits_n,
-    acc_t* partial, unsigned* counters) {
+    BackwardReduce<kAct, scalar_t, param_t, acc_t> policy, index_t N, index_t C, index_t HW,
+    int splits_n, acc_t* partial, unsigned* counters) {
   reduce_contiguous(policy, N, C, HW, splits_n, partial, counters);
 }
 
-template <typename scalar_t, typename acc_t, typename index_t>
+template <Activation kAct, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_backward_reduce_channels_last_kernel(
-    BackwardReduce<scalar_t, acc_t> policy, index_t rows, index_t C, acc_t* partial,
-    unsigned* counters) {
+    BackwardReduce<kAct, scalar_t, param_t, acc_t> policy, index_t rows, index_t C,
+    acc_t* partial, unsigned* counters) {
   reduce_channels_last(policy, rows, C, partial, counters);
 }
 
-// Coefficients of dx = dy * k_dy + (x - mean) * k_x + k_c. In eval mode the statistics are constants:
-// only k_dy is used and neither the sums nor the mean are read (they may be null).
+// Coefficients of dx = dz * k_dy + (x - mean) * k_x + k_c. In eval mode the statistics are
+// constants: only k_dy is used and neither the sums nor the mean are read (they may be null).
 template <bool kTraining, typename param_t, typename acc_t>
 CBN_DEVICE BackwardCoeffs<acc_t> backward_coeffs(int64_t c, const acc_t* mean,
                                                  const acc_t* invstd, const param_t* weight,
@@ -451,37 +525,60 @@ CBN_DEVICE BackwardCoeffs<acc_t> backward_coeffs(int64_t c, const acc_t* mean,
   return fold_backward(mean[c], invstd[c], w, sum_dy[c], sum_dy_xmu[c], count, true);
 }
 
-template <bool kTraining, typename scalar_t, typename acc_t>
-CBN_DEVICE scalar_t backward_element(const BackwardCoeffs<acc_t>& k, const scalar_t* grad_output,
-                                     const scalar_t* input, int64_t off) {
-  const acc_t dy = static_cast<acc_t>(grad_output[off]);
-  if (!kTraining) return static_cast<scalar_t>(dy * k.k_dy);
-  return static_cast<scalar_t>(dy * k.k_dy + (static_cast<acc_t>(input[off]) - k.mean) * k.k_x + k.k_c);
+// The outputs of the elementwise pass, each null when not requested.
+template <typename scalar_t>
+struct ElementwiseGrads {
+  scalar_t* grad_input;
+  scalar_t* grad_residual;  // dz: the residual enters z with slope 1
+};
+
+template <bool kTraining, Activation kAct, typename scalar_t, typename acc_t, typename index_t>
+CBN_DEVICE void backward_element(const BackwardCoeffs<acc_t>& k,
+                                 const ActivationBackward<kAct, scalar_t, acc_t>& act,
+                                 const scalar_t* grad_output, const scalar_t* input,
+                                 const ElementwiseGrads<scalar_t>& out, index_t off) {
+  // Only eval-mode identity gets by without x: its dx is a pure scale of dy.
+  acc_t x = acc_t(0);
+  if constexpr (kTraining || kAct != Activation::kIdentity) x = static_cast<acc_t>(input[off]);
+  const acc_t dz = act.grad(static_cast<acc_t>(grad_output[off]), x, off);
+  if (out.grad_residual != nullptr) out.grad_residual[off] = static_cast<scalar_t>(dz);
+  if (out.grad_input == nullptr) return;
+  if constexpr (kTraining) {
+    out.grad_input[off] = static_cast<scalar_t>(dz * k.k_dy + (x - k.mean) * k.k_x + k.k_c);
+  } else {
+    out.grad_input[off] = static_cast<scalar_t>(dz * k.k_dy);
+  }
 }
 
-template <bool kTraining, typename scalar_t, typename param_t, typename acc_t, typename index_t>
+template <bool kTraining, Activation kAct, typename scalar_t, typename param_t, typename acc_t,
+          typename index_t>
 CBN_KERNEL void batch_norm_backward_elementwise_contiguous_kernel(
-    const scalar_t* grad_output, const scalar_t* input, scalar_t* grad_input, const acc_t* mean,
-    const acc_t* invstd, const param_t* weight, const acc_t* sum_dy, const acc_t* sum_dy_xmu,
-    acc_t count, index_t N, index_t C, index_t HW, int splits_n) {
-  const auto k = backward_coeffs<kTraining>(dev::block_idx_x(), mean, invstd, weight, sum_dy,
-                                            sum_dy_xmu, count);
+    const scalar_t* grad_output, const scalar_t* input, ElementwiseGrads<scalar_t> out,
+    const acc_t* mean, const acc_t* invstd, EpilogueInputs<scalar_t, param_t, acc_t> epilogue,
+    const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t count, index_t N, index_t C, index_t HW,
+    int splits_n) {
+  const int64_t c = dev::block_idx_x();
+  const auto k =
+      backward_coeffs<kTraining>(c, mean, invstd, epilogue.weight, sum_dy, sum_dy_xmu, count);
+  const auto act = activation_backward<kAct>(c, mean, invstd, epilogue);
   for_each_contiguous(N, C, HW, splits_n, [&](index_t off) {
-    grad_input[off] = backward_element<kTraining>(k, grad_output, input, off);
+    backward_element<kTraining>(k, act, grad_output, input, out, off);
   });
 }
 
-template <bool kTraining, typename scalar_t, typename param_t, typename acc_t, typename index_t>
+template <bool kTraining, Activation kAct, typename scalar_t, typename param_t, typename acc_t,
+          typename index_t>
 CBN_KERNEL void batch_norm_backward_elementwise_channels_last_kernel(
-    const scalar_t* grad_output, const scalar_t* input, scalar_t* grad_input, const acc_t* mean,
-    const acc_t* invstd, const param_t* weight, const acc_t* sum_dy, const acc_t* sum_dy_xmu,
-    acc_t count, index_t rows, index_t C) {
+    const scalar_t* grad_output, const scalar_t* input, ElementwiseGrads<scalar_t> out,
+    const acc_t* mean, const acc_t* invstd, EpilogueInputs<scalar_t, param_t, acc_t> epilogue,
+    const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t count, index_t rows, index_t C) {
   const index_t c = channels_last_channel<index_t>();
   if (c >= C) return;  // no barrier below
   const auto k =
-      backward_coeffs<kTraining>(c, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
+      backward_coeffs<kTraining>(c, mean, invstd, epilogue.weight, sum_dy, sum_dy_xmu, count);
+  const auto act = activation_backward<kAct>(c, mean, invstd, epilogue);
   for_each_channels_last(rows, C, c, [&](index_t off) {
-    grad_input[off] = backward_element<kTraining>(k, grad_output, input, off);
+    backward_element<kTraining>(k, act, grad_output, input, out, off);
   });
 }
 

@@ -1,6 +1,6 @@
 #pragma once
-// Host side of the CUDA batch-norm operators: argument checks, layout and dtype dispatch,
-// output and workspace allocation, and which kernel runs when, with which launch configuration
+// Host side of the CUDA batch-norm operators: argument checks, layout, dtype and activation
+// dispatch, output and workspace allocation, and which kernel runs when, with which launch configuration
 // and arguments. It is written once against a small backend, so that the real launchers
 // (batch_norm_kernel.cu: <<<>>> on the current stream) and the emulated kernel tests
 // (tests/cpp/emulator: CPU tensors, the same kernel bodies run by the CPU emulator) execute the
@@ -84,6 +84,25 @@ void dispatch_param_type(at::ScalarType param_dtype, F&& f) {
   }
 }
 
+// Runs f(std::integral_constant<Activation, kAct>{}) with kAct == act: where the activation
+// becomes the kernels' template parameter, once per launch sequence.
+template <typename F>
+void dispatch_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kIdentity:
+      return f(std::integral_constant<Activation, Activation::kIdentity>{});
+    case Activation::kRelu:
+      return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kLeakyRelu:
+      return f(std::integral_constant<Activation, Activation::kLeakyRelu>{});
+    case Activation::kElu:
+      return f(std::integral_constant<Activation, Activation::kElu>{});
+    case Activation::kSilu:
+      return f(std::integral_constant<Activation, Activation::kSilu>{});
+  }
+  TORCH_CHECK(false, "custom_bn: unknown activation ", static_cast<int>(act));
+}
+
 // Runs f(index_t{}) with the narrowest index type that addresses every element of `input`.
 template <typename F>
 void dispatch_index_type(const at::Tensor& input, const Tuning& tuning, F&& f) {
@@ -106,9 +125,12 @@ struct ForwardArgs {
   const c10::optional<at::Tensor>& bias;
   const c10::optional<at::Tensor>& running_mean;
   const c10::optional<at::Tensor>& running_var;
+  const c10::optional<at::Tensor>& residual;  // contiguous in input's memory format
   bool training;
   double momentum;
   double eps;
+  Activation activation;
+  double activation_param;
   Geometry g;
 };
 
@@ -155,39 +177,47 @@ void launch_eval_stats(const Backend& backend, const ForwardArgs& a) {
       a.g.c);
 }
 
-template <typename scalar_t, typename param_t, typename index_t, typename Backend>
+template <Activation kAct, typename scalar_t, typename param_t, typename index_t,
+          typename Backend>
 void launch_transform(const Backend& backend, const ForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
   const LaunchConfig cfg = elementwise_launch(g, backend.num_sms(), backend.tuning());
   const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+  const scalar_t* r = given(a.residual) ? a.residual->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* y = a.output.data_ptr<scalar_t>();
   const acc_t* mean = a.save_mean.const_data_ptr<acc_t>();
   const acc_t* invstd = a.save_invstd.const_data_ptr<acc_t>();
   const param_t* w = optional_ptr<param_t>(a.weight);
   const param_t* b = optional_ptr<param_t>(a.bias);
+  const acc_t act_param = static_cast<acc_t>(a.activation_param);
   if (g.layout == Layout::kContiguous) {
-    backend.template launch<
-        &cuda_kernels::batch_norm_transform_contiguous_kernel<scalar_t, param_t, acc_t, index_t>>(
-        cfg, x, y, mean, invstd, w, b, index_t(g.n), index_t(g.c), index_t(g.hw), cfg.splits_n);
+    backend.template launch<&cuda_kernels::batch_norm_transform_contiguous_kernel<
+        kAct, scalar_t, param_t, acc_t, index_t>>(cfg, x, r, y, mean, invstd, w, b, act_param,
+                                                  index_t(g.n), index_t(g.c), index_t(g.hw),
+                                                  cfg.splits_n);
   } else {
     backend.template launch<&cuda_kernels::batch_norm_transform_channels_last_kernel<
-        scalar_t, param_t, acc_t, index_t>>(cfg, x, y, mean, invstd, w, b, index_t(g.rows()),
-                                            index_t(g.c));
+        kAct, scalar_t, param_t, acc_t, index_t>>(cfg, x, r, y, mean, invstd, w, b, act_param,
+                                                  index_t(g.rows()), index_t(g.c));
   }
 }
 
 }  // namespace detail
 
-// custom_bn::batch_norm_forward on the backend's device (contract of ops/batch_norm.h).
+// custom_bn::batch_norm_act_forward on the backend's device (contract of ops/batch_norm.h):
+// y = act(BN(x) + residual), residual optional.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
     const Backend& backend, const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual_arg,
+    bool training, double momentum, double eps, Activation activation,
+    double activation_param) {
   using namespace detail;
   const at::ScalarType param_dtype = check_batch_norm_forward_args(
       input_arg, weight, bias, running_mean, running_var, training, momentum, eps);
+  check_residual("custom_bn.batch_norm", input_arg, residual_arg);
   const typename Backend::DeviceGuard device_guard(input_arg.device());
   const auto fmt = batch_norm_memory_format(input_arg);
   const at::Tensor input = input_arg.contiguous(fmt);
@@ -207,9 +237,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
   }
 
   const auto weight_dense = dense(weight), bias_dense = dense(bias);
-  const ForwardArgs args{input,        output,      save_mean,    save_invstd,
-                         weight_dense, bias_dense,  running_mean, running_var,
-                         training,     momentum,    eps,          g};
+  // The kernels index the residual as they index the input.
+  const c10::optional<at::Tensor> residual =
+      given(residual_arg) ? c10::optional<at::Tensor>(residual_arg->contiguous(fmt))
+                          : c10::nullopt;
+  const ForwardArgs args{input,        output,       save_mean,   save_invstd, weight_dense,
+                         bias_dense,   running_mean, running_var, residual,    training,
+                         momentum,     eps,          activation,  activation_param, g};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "custom_bn_batch_norm_forward_cuda", [&] {
         dispatch_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
@@ -219,11 +253,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
           dispatch_index_type(input, backend.tuning(), [&](auto index_tag) {
             using index_t = decltype(index_tag);
             if (training) launch_collect_stats<scalar_t, param_t, index_t>(backend, args);
-            launch_transform<scalar_t, param_t, index_t>(backend, args);
+            dispatch_activation(activation, [&](auto act_tag) {
+              launch_transform<decltype(act_tag)::value, scalar_t, param_t, index_t>(backend,
+                                                                                      args);
+            });
           });
         });
       });
   return {output, save_mean, save_invstd};
+}
+
+// custom_bn::batch_norm_forward: the fused forward without residual, activation the identity.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    const Backend& backend, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+  return batch_norm_act_forward(backend, input, weight, bias, running_mean, running_var,
+                                c10::nullopt, training, momentum, eps, Activation::kIdentity,
+                                0.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -235,48 +283,61 @@ struct BackwardArgs {
   const at::Tensor& grad_output;  // both contiguous in input's memory format
   const at::Tensor& input;
   const c10::optional<at::Tensor>& weight;
+  const c10::optional<at::Tensor>& bias;
+  const c10::optional<at::Tensor>& residual;  // as input; none for the identity
   const at::Tensor& save_mean;
   const at::Tensor& save_invstd;
   bool training;
+  double activation_param;
   Geometry g;
   const at::Tensor* grad_input;  // null: not requested
+  const at::Tensor* grad_residual;
   const at::Tensor* sum_dy;      // null: no reduction needed
   const at::Tensor* sum_dy_xmu;
   const at::Tensor* grad_weight;  // acc dtype; null: not requested
   const at::Tensor* grad_bias;
 };
 
-template <typename scalar_t, typename index_t, typename Backend>
+template <typename scalar_t, typename param_t>
+cuda_kernels::EpilogueInputs<scalar_t, param_t, at::opmath_type<scalar_t>> epilogue_inputs(
+    const BackwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return {optional_ptr<param_t>(a.weight), optional_ptr<param_t>(a.bias),
+          given(a.residual) ? a.residual->const_data_ptr<scalar_t>() : nullptr,
+          static_cast<acc_t>(a.activation_param)};
+}
+
+template <Activation kAct, typename scalar_t, typename param_t, typename index_t,
+          typename Backend>
 void launch_backward_reduce(const Backend& backend, const BackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
   const LaunchConfig cfg =
       backward_reduce_launch(g, sizeof(acc_t), backend.num_sms(), backend.tuning());
   const ReduceWorkspace ws = reduce_workspace(cfg, g, 2, a.save_mean.options());
-  const cuda_kernels::BackwardReduce<scalar_t, acc_t> policy{
+  const cuda_kernels::BackwardReduce<kAct, scalar_t, param_t, acc_t> policy{
       a.grad_output.const_data_ptr<scalar_t>(),
       a.input.const_data_ptr<scalar_t>(),
       a.save_mean.const_data_ptr<acc_t>(),
       a.save_invstd.const_data_ptr<acc_t>(),
+      epilogue_inputs<scalar_t, param_t>(a),
       ptr_or_null<acc_t>(a.sum_dy),
       ptr_or_null<acc_t>(a.sum_dy_xmu),
       ptr_or_null<acc_t>(a.grad_weight),
       ptr_or_null<acc_t>(a.grad_bias)};
   if (g.layout == Layout::kContiguous) {
-    backend.template launch<
-        &cuda_kernels::batch_norm_backward_reduce_contiguous_kernel<scalar_t, acc_t, index_t>>(
-        cfg, policy, index_t(g.n), index_t(g.c), index_t(g.hw), cfg.splits_n,
-        ws.partial_ptr<acc_t>(), ws.counters_ptr());
+    backend.template launch<&cuda_kernels::batch_norm_backward_reduce_contiguous_kernel<
+        kAct, scalar_t, param_t, acc_t, index_t>>(cfg, policy, index_t(g.n), index_t(g.c),
+                                                  index_t(g.hw), cfg.splits_n,
+                                                  ws.partial_ptr<acc_t>(), ws.counters_ptr());
   } else {
-    backend.template launch<
-        &cuda_kernels::batch_norm_backward_reduce_channels_last_kernel<scalar_t, acc_t,
-                                                                       index_t>>(
-        cfg, policy, index_t(g.rows()), index_t(g.c), ws.partial_ptr<acc_t>(),
-        ws.counters_ptr());
+    backend.template launch<&cuda_kernels::batch_norm_backward_reduce_channels_last_kernel<
+        kAct, scalar_t, param_t, acc_t, index_t>>(cfg, policy, index_t(g.rows()), index_t(g.c),
+                                                  ws.partial_ptr<acc_t>(), ws.counters_ptr());
   }
 }
 
-template <bool kTraining, typename scalar_t, typename param_t, typename index_t,
+template <bool kTraining, Activation kAct, typename scalar_t, typename param_t, typename index_t,
           typename Backend>
 void launch_backward_elementwise(const Backend& backend, const BackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -284,49 +345,62 @@ void launch_backward_elementwise(const Backend& backend, const BackwardArgs& a) 
   const LaunchConfig cfg = elementwise_launch(g, backend.num_sms(), backend.tuning());
   const scalar_t* dy = a.grad_output.const_data_ptr<scalar_t>();
   const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-  scalar_t* dx = a.grad_input->data_ptr<scalar_t>();
+  const cuda_kernels::ElementwiseGrads<scalar_t> out{
+      a.grad_input != nullptr ? a.grad_input->data_ptr<scalar_t>() : nullptr,
+      a.grad_residual != nullptr ? a.grad_residual->data_ptr<scalar_t>() : nullptr};
   const acc_t* mean = a.save_mean.const_data_ptr<acc_t>();
   const acc_t* invstd = a.save_invstd.const_data_ptr<acc_t>();
-  const param_t* w = optional_ptr<param_t>(a.weight);
+  const auto epilogue = epilogue_inputs<scalar_t, param_t>(a);
   const acc_t* sum_dy = ptr_or_null<acc_t>(a.sum_dy);
   const acc_t* sum_dy_xmu = ptr_or_null<acc_t>(a.sum_dy_xmu);
   const acc_t count = static_cast<acc_t>(g.count());
   if (g.layout == Layout::kContiguous) {
     backend.template launch<&cuda_kernels::batch_norm_backward_elementwise_contiguous_kernel<
-        kTraining, scalar_t, param_t, acc_t, index_t>>(cfg, dy, x, dx, mean, invstd, w, sum_dy,
-                                                       sum_dy_xmu, count, index_t(g.n),
-                                                       index_t(g.c), index_t(g.hw),
-                                                       cfg.splits_n);
+        kTraining, kAct, scalar_t, param_t, acc_t, index_t>>(
+        cfg, dy, x, out, mean, invstd, epilogue, sum_dy, sum_dy_xmu, count, index_t(g.n),
+        index_t(g.c), index_t(g.hw), cfg.splits_n);
   } else {
     backend.template launch<&cuda_kernels::batch_norm_backward_elementwise_channels_last_kernel<
-        kTraining, scalar_t, param_t, acc_t, index_t>>(cfg, dy, x, dx, mean, invstd, w, sum_dy,
-                                                       sum_dy_xmu, count, index_t(g.rows()),
-                                                       index_t(g.c));
+        kTraining, kAct, scalar_t, param_t, acc_t, index_t>>(
+        cfg, dy, x, out, mean, invstd, epilogue, sum_dy, sum_dy_xmu, count, index_t(g.rows()),
+        index_t(g.c));
   }
 }
 
-template <typename scalar_t, typename param_t, typename index_t, typename Backend>
+template <Activation kAct, typename scalar_t, typename param_t, typename index_t,
+          typename Backend>
 void run_backward(const Backend& backend, const BackwardArgs& a) {
-  if (a.sum_dy != nullptr) launch_backward_reduce<scalar_t, index_t>(backend, a);
-  if (a.grad_input == nullptr) return;
-  if (a.training) {
-    launch_backward_elementwise<true, scalar_t, param_t, index_t>(backend, a);
+  if (a.sum_dy != nullptr) launch_backward_reduce<kAct, scalar_t, param_t, index_t>(backend, a);
+  if (a.grad_input == nullptr && a.grad_residual == nullptr) return;
+  // grad_residual alone (dz) needs no sums: the eval-mode kernel computes it without them.
+  if (a.training && a.grad_input != nullptr) {
+    launch_backward_elementwise<true, kAct, scalar_t, param_t, index_t>(backend, a);
   } else {
-    launch_backward_elementwise<false, scalar_t, param_t, index_t>(backend, a);
+    launch_backward_elementwise<false, kAct, scalar_t, param_t, index_t>(backend, a);
   }
 }
 
 }  // namespace detail
 
-// custom_bn::batch_norm_backward on the backend's device (contract of ops/batch_norm.h).
+// custom_bn::batch_norm_act_backward on the backend's device (contract of ops/batch_norm.h):
+// z is recomputed from input, residual, weight, bias and the saved statistics; dz = dy * act'(z)
+// then takes dy's place in the batch-norm backward, and grad_residual = dz.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     const Backend& backend, const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
-    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean_arg,
-    const at::Tensor& save_invstd_arg, bool training, std::array<bool, 3> output_mask) {
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual_arg, const at::Tensor& save_mean_arg,
+    const at::Tensor& save_invstd_arg, bool training, Activation activation,
+    double activation_param, std::array<bool, 4> output_mask) {
   using namespace detail;
+  constexpr const char* op = "custom_bn.batch_norm_backward";
   check_batch_norm_backward_args(grad_output_arg, input_arg, weight, save_mean_arg,
                                  save_invstd_arg);
+  check_channel_counts(op, input_arg, {{&bias, "bias"}});
+  // The dtype of the pointers weight and bias are read through (either may be absent).
+  const at::ScalarType param_dtype =
+      check_channel_tensors(op, input_arg, {{&weight, "weight"}, {&bias, "bias"}});
+  check_residual(op, input_arg, residual_arg);
   const typename Backend::DeviceGuard device_guard(input_arg.device());
   const auto fmt = batch_norm_memory_format(input_arg);
   const at::Tensor input = input_arg.contiguous(fmt);
@@ -334,21 +408,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   const at::Tensor save_mean = save_mean_arg.contiguous();
   const at::Tensor save_invstd = save_invstd_arg.contiguous();
   const auto acc_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
-  const auto param_dtype = channel_gradient_dtype(input, weight);
+  const auto grad_param_dtype = channel_gradient_dtype(input, weight);
   const Geometry g = geometry_of(input, fmt);
 
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)
-                                         : unrequested_gradient(input);
+  const auto gradient_like_input = [&](bool wanted) {
+    return wanted ? at::empty_like(input, input.options(), fmt) : unrequested_gradient(input);
+  };
+  at::Tensor grad_input = gradient_like_input(output_mask[0]);
+  at::Tensor grad_residual = gradient_like_input(output_mask[3]);
   if (input.numel() == 0) {
     const auto zeros = [&](bool wanted) {
-      return wanted ? at::zeros({g.c}, input.options().dtype(param_dtype))
+      return wanted ? at::zeros({g.c}, input.options().dtype(grad_param_dtype))
                     : unrequested_gradient(input);
     };
-    return {grad_input, zeros(output_mask[1]), zeros(output_mask[2])};
+    return {grad_input, zeros(output_mask[1]), zeros(output_mask[2]), grad_residual};
   }
 
   // grad_weight / grad_bias need the sums, and so does grad_input in training mode; eval-mode
-  // grad_input alone is a pure scale of dy.
+  // grad_input alone is a pure scale of dz, and grad_residual is dz itself.
   const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
   at::Tensor sum_dy, sum_dy_xmu, grad_weight_acc, grad_bias_acc;
   if (need_sums) {
@@ -358,15 +435,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   if (output_mask[1]) grad_weight_acc = at::empty({g.c}, acc_options);
   if (output_mask[2]) grad_bias_acc = at::empty({g.c}, acc_options);
 
-  const auto weight_dense = dense(weight);
+  const auto weight_dense = dense(weight), bias_dense = dense(bias);
+  // z enters only through act'(z): the identity reads no residual.
+  const c10::optional<at::Tensor> residual =
+      given(residual_arg) && activation != Activation::kIdentity
+          ? c10::optional<at::Tensor>(residual_arg->contiguous(fmt))
+          : c10::nullopt;
   const BackwardArgs args{grad_output,
                           input,
                           weight_dense,
+                          bias_dense,
+                          residual,
                           save_mean,
                           save_invstd,
                           training,
+                          activation_param,
                           g,
                           output_mask[0] ? &grad_input : nullptr,
+                          output_mask[3] ? &grad_residual : nullptr,
                           need_sums ? &sum_dy : nullptr,
                           need_sums ? &sum_dy_xmu : nullptr,
                           output_mask[1] ? &grad_weight_acc : nullptr,
@@ -376,7 +462,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
         dispatch_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
           using param_t = decltype(param_tag);
           dispatch_index_type(input, backend.tuning(), [&](auto index_tag) {
-            run_backward<scalar_t, param_t, decltype(index_tag)>(backend, args);
+            using index_t = decltype(index_tag);
+            dispatch_activation(activation, [&](auto act_tag) {
+              run_backward<decltype(act_tag)::value, scalar_t, param_t, index_t>(backend, args);
+            });
           });
         });
       });
@@ -384,8 +473,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   // The sums are kept in acc_t; the gradients take the parameters' dtype (no copy when that
   // already is acc_t).
   return {grad_input,
-          output_mask[1] ? grad_weight_acc.to(param_dtype) : unrequested_gradient(input),
-          output_mask[2] ? grad_bias_acc.to(param_dtype) : unrequested_gradient(input)};
+          output_mask[1] ? grad_weight_acc.to(grad_param_dtype) : unrequested_gradient(input),
+          output_mask[2] ? grad_bias_acc.to(grad_param_dtype) : unrequested_gradient(input),
+          grad_residual};
+}
+
+// custom_bn::batch_norm_backward: the fused backward without residual, activation the identity.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const Backend& backend, const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, std::array<bool, 3> output_mask) {
+  auto [grad_input, grad_weight, grad_bias, unused] = batch_norm_act_backward(
+      backend, grad_output, input, weight, c10::nullopt, c10::nullopt, save_mean, save_invstd,
+      training, Activation::kIdentity, 0.0,
+      {output_mask[0], output_mask[1], output_mask[2], false});
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace cuda_launch

@@ -10,9 +10,26 @@ from . import _C  # noqa: F401  (registers torch.ops.custom_bn.*)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / export)
 from . import functional
 from ._build_info import build_info
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+)
 from . import _interop  # noqa: F401  (torch.ao fusers, convert_sync_batchnorm warning)
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "__version__"]
+__all__ = [
+    "build_info",
+    "functional",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "__version__",
+]

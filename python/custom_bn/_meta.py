@@ -24,6 +24,9 @@ from torch._prims_common import suggest_memory_format
 
 _FORWARD = "custom_bn::batch_norm_forward"
 _BACKWARD = "custom_bn::batch_norm_backward"
+_ACT_FORWARD = "custom_bn::batch_norm_act_forward"
+_ACT_BACKWARD = "custom_bn::batch_norm_act_backward"
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu")
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -103,6 +106,84 @@ def _check_channel_tensors(
                 lambda: f"{op}: {name} must have the same dtype as {shared_name} "
                 f"({shared.dtype}), got {t.dtype}",
             )
+
+
+def check_activation(op: str, activation: str) -> None:
+    torch._check_value(
+        activation in ACTIVATIONS,
+        lambda: f"{op}: activation must be one of 'identity', 'relu', 'leaky_relu', 'elu', "
+        f"'silu', got '{activation}'",
+    )
+
+
+def _check_residual(op: str, input: Tensor, residual: Optional[Tensor]) -> None:
+    if residual is None:
+        return
+    torch._check(
+        residual.shape == input.shape,
+        lambda: f"{op}: residual must have input's shape {list(input.shape)}, "
+        f"got {list(residual.shape)}",
+    )
+    torch._check(
+        residual.dtype == input.dtype,
+        lambda: f"{op}: residual must have input's dtype {input.dtype}, got {residual.dtype}",
+    )
+    torch._check(
+        residual.device == input.device,
+        lambda: f"{op}: residual must be on input's device ({input.device}), got {residual.device}",
+    )
+
+
+@torch.library.register_fake(_ACT_FORWARD)
+def _batch_norm_act_forward_fake(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    residual: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    outputs = _batch_norm_forward_fake(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+    _check_residual("custom_bn.batch_norm", input, residual)
+    check_activation("custom_bn.batch_norm", activation)
+    return outputs
+
+
+@torch.library.register_fake(_ACT_BACKWARD)
+def _batch_norm_act_backward_fake(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    output_mask: Sequence[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    op = "custom_bn.batch_norm_backward"
+    grads = _batch_norm_backward_fake(
+        grad_output, input, weight, save_mean, save_invstd, training, eps, output_mask[:3]
+    )
+    _check_channel_counts(op, input, [("bias", bias)])
+    _check_channel_tensors(op, input, [("weight", weight), ("bias", bias)])
+    _check_residual(op, input, residual)
+    check_activation(op, activation)
+    if output_mask[3]:
+        grad_residual = torch.empty_like(input, memory_format=batch_norm_memory_format(input))
+    else:
+        grad_residual = input.new_empty((0,))
+    return grads[0], grads[1], grads[2], grad_residual
 
 
 @torch.library.register_fake(_FORWARD)

@@ -253,3 +253,21 @@ def _backward_vmap(
     )
     out_dims = tuple(d if wanted else None for d, wanted in zip((1, 0, 0), output_mask))
     return (grad_input, grad_weight, grad_bias), out_dims
+
+
+def epilogue(
+    output: Tensor, residual: Optional[Tensor], activation: str, activation_param: float
+) -> Tensor:
+    """``act(output + residual)`` with torch ops: the fused epilogue where torch.func transforms
+    need derivative and batching rules (which torch has for these ops)."""
+    if residual is not None:
+        output = output + residual
+    if activation == "relu":
+        return torch.nn.functional.relu(output)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(output, activation_param)
+    if activation == "elu":
+        return torch.nn.functional.elu(output, activation_param)
+    if activation == "silu":
+        return torch.nn.functional.silu(output)
+    return output

@@ -11,6 +11,7 @@ from . import _transforms
 __all__ = ["batch_norm"]
 
 _forward_op = torch.ops.custom_bn.batch_norm_forward.default
+_act_forward_op = torch.ops.custom_bn.batch_norm_act_forward.default
 
 
 def batch_norm(
@@ -22,9 +23,14 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    activation: str = "identity",
+    activation_param: Optional[float] = None,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Batch normalization over the channel dimension, a drop-in for
-    :func:`torch.nn.functional.batch_norm`.
+    :func:`torch.nn.functional.batch_norm`, optionally fused with a residual add and an
+    activation: ``act(batch_norm(input, ...) + residual)`` in one pass over memory (and one
+    fused backward).
 
     Shapes:
         * ``input``: ``(N, C, *)``, any number of spatial dims (``(N, C)``, ``(N, C, L)``,
@@ -36,29 +42,79 @@ def batch_norm(
           that shape.
         * the empty 1-D input ``(0,)`` (``C = 0``, per-channel tensors empty or ``None``) is
           accepted, as torch accepts it, and gives an empty output.
+        * ``residual``: ``None`` or a tensor of input's shape (any strides; read in input's
+          memory format), added after the normalization, before the activation. Of another
+          floating dtype, both are computed in the promoted dtype (torch's ``BN(x) + residual``
+          under autocast gives that dtype too).
         * returns: a tensor of input's shape and dtype, in the memory format torch gives
           (channels-last input, dense or sliced, gives channels-last output).
+
+    ``activation`` is one of ``"identity"`` (the default: plain batch norm), ``"relu"``,
+    ``"leaky_relu"`` (``activation_param``: the negative slope, default 0.01), ``"elu"``
+    (``activation_param``: alpha, default 1.0) or ``"silu"``; an ``activation_param`` for an
+    activation that takes none is a ValueError. The result equals the torch.nn composition
+    ``F.<activation>(F.batch_norm(...) + residual)``, gradients included (the residual's too,
+    and second derivatives); float16/bfloat16 are rounded once, at the end. (The three
+    epilogue arguments are meant to be passed by keyword; they are not keyword-only because
+    TorchScript cannot compile keyword-only arguments with defaults.)
 
     In training mode the batch statistics (mean and biased variance over every dimension but
     ``C``) normalize ``input`` and, when given, ``running_mean`` / ``running_var`` are updated in
     place: ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased. In
     evaluation mode (``training=False``) the running statistics normalize ``input``.
     """
+    param = resolve_activation_param(activation, activation_param)
     empty_1d = input.dim() == 1 and input.numel() == 0
     if empty_1d:  # torch's empty (0,) input: zero channels; the operators take it as (0, 0)
         input = input.view(0, 0)
+        if residual is not None:
+            residual = residual.view(0, 0)
+    if residual is not None and residual.dtype != input.dtype:
+        # As torch's BN(x) + residual: the sum takes the promoted dtype (autocast hands a
+        # float16 conv output and a float32 skip connection). The operators take one dtype.
+        common = torch.promote_types(input.dtype, residual.dtype)
+        input, residual = input.to(common), residual.to(common)
     if input.dim() >= 2:
         weight = _as_channel_vector(weight, input.shape[1])
         bias = _as_channel_vector(bias, input.shape[1])
+    fused = activation != "identity" or residual is not None
     if torch.jit.is_scripting():
-        output = torch.ops.custom_bn.batch_norm_forward(
-            input, weight, bias, running_mean, running_var, training, momentum, eps
-        )[0]
+        if fused:
+            output = torch.ops.custom_bn.batch_norm_act_forward(
+                input, weight, bias, running_mean, running_var, residual, training, momentum,
+                eps, activation, param,
+            )[0]
+        else:
+            output = torch.ops.custom_bn.batch_norm_forward(
+                input, weight, bias, running_mean, running_var, training, momentum, eps
+            )[0]
     else:
         output = _eager_batch_norm(
-            input, weight, bias, running_mean, running_var, training, momentum, eps
+            input, weight, bias, running_mean, running_var, training, momentum, eps,
+            activation, param, residual,
         )
     return output.view(0) if empty_1d else output
+
+
+def resolve_activation_param(activation: str, activation_param: Optional[float]) -> float:
+    """``activation_param`` as given or the activation's default (leaky_relu: 0.01, elu: 1.0);
+    ValueError for an unknown activation or a parameter the activation does not take."""
+    if activation not in ["identity", "relu", "leaky_relu", "elu", "silu"]:
+        raise ValueError(
+            "custom_bn.batch_norm: activation must be one of 'identity', 'relu', 'leaky_relu', "
+            "'elu', 'silu', got '" + activation + "'"
+        )
+    if activation_param is None:
+        if activation == "leaky_relu":
+            return 0.01
+        return 1.0 if activation == "elu" else 0.0
+    if activation not in ("leaky_relu", "elu"):
+        raise ValueError(
+            "custom_bn.batch_norm: activation_param is the negative slope of leaky_relu or the "
+            "alpha of elu; activation '" + activation + "' takes none, got "
+            + str(activation_param)
+        )
+    return float(activation_param)
 
 
 def _as_channel_vector(t: Optional[Tensor], channels: int) -> Optional[Tensor]:
@@ -80,6 +136,9 @@ def _eager_batch_norm(
     training: bool,
     momentum: float,
     eps: float,
+    activation: str = "identity",
+    activation_param: float = 0.0,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
     """The operator call outside TorchScript (which has its own branch above)."""
     if not training and torch.compiler.is_compiling():
@@ -88,9 +147,18 @@ def _eager_batch_norm(
         # carry a write-back of unchanged buffers. Traced evaluation reads copies instead.
         running_mean = None if running_mean is None else running_mean.clone()
         running_var = None if running_var is None else running_var.clone()
+    fused = activation != "identity" or residual is not None
     if _transforms.transforms_active():
-        return _transforms.BatchNormFunction.apply(
+        # torch.func / forward AD: batch norm with its derivative rules, then the epilogue as
+        # torch ops, whose rules torch.func already has.
+        output = _transforms.BatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, training, momentum, eps
+        )[0]
+        return _transforms.epilogue(output, residual, activation, activation_param)
+    if fused:
+        return _act_forward_op(
+            input, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+            activation, activation_param,
         )[0]
     return _forward_op(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
 

@@ -7,12 +7,21 @@ so a rejected input leaves every buffer as it was.
 """
 
 
+from typing import Optional, Tuple
+
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+]
 
 
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -50,7 +59,17 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         """input: ``(N, C, *)`` with C = num_features (rank set by the subclass) → same shape."""
         if not torch.jit.is_scripting() and _is_fx_proxy(input):
-            return _fx_leaf_call(self, input)
+            return _fx_leaf_call(self, (input,))
+        return self._normalize(input, "identity", None, None)
+
+    def _normalize(
+        self,
+        input: Tensor,
+        activation: str,
+        activation_param: Optional[float],
+        residual: Optional[Tensor],
+    ) -> Tensor:
+        """The module's batch norm with the fused epilogue act(BN(input) + residual)."""
         self._check_input_dim(input)
         self._check_num_features(input)
 
@@ -65,7 +84,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             and not torch.jit.is_scripting()
             and torch.compiler.is_compiling()
         ):
-            return self._forward_cumulative_traceable(input)
+            return self._forward_cumulative_traceable(input, activation, activation_param, residual)
         if self.training:
             use_batch_stats = True
         else:
@@ -89,12 +108,21 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             use_batch_stats,
             momentum,
             self.eps,
+            activation=activation,
+            activation_param=activation_param,
+            residual=residual,
         )
         if updates_stats:
             self.num_batches_tracked.add_(1)
         return output
 
-    def _forward_cumulative_traceable(self, input: Tensor) -> Tensor:
+    def _forward_cumulative_traceable(
+        self,
+        input: Tensor,
+        activation: str,
+        activation_param: Optional[float],
+        residual: Optional[Tensor],
+    ) -> Tensor:
         """Training step with momentum=None under torch.compile.
 
         The eager path turns 1/(num_batches_tracked+1) into a Python float, a data-dependent
@@ -105,7 +133,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         batch_mean = torch.zeros_like(self.running_mean)
         batch_var = torch.zeros_like(self.running_var)
         output = F.batch_norm(
-            input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps
+            input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps,
+            activation=activation, activation_param=activation_param, residual=residual,
         )
         count = self.num_batches_tracked + 1
         if input.numel() > 0:  # an empty batch leaves the statistics alone, as in eager mode
@@ -122,14 +151,14 @@ def _is_fx_proxy(input: Tensor) -> bool:
 
 
 @torch.jit.unused
-def _fx_leaf_call(module: nn.Module, input: Tensor) -> Tensor:
+def _fx_leaf_call(module: nn.Module, args: Tuple[Tensor, ...]) -> Tensor:
     """Under torch.fx symbolic tracing the module appears as one ``call_module`` node, as
     torch.nn's BatchNorm does (torch.fx keeps torch.nn modules as leaves): ``train()``/``eval()``
     on the traced GraphModule keep working and graph passes see the BatchNorm layer itself,
     instead of a trace through forward that would freeze the training flag and the buffer
     updates at trace time."""
-    tracer = input.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
@@ -153,3 +182,58 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     Shape: input ``(N, C, D, H, W)`` with ``C = num_features``; output the same,
     channels-last-3d input gives channels-last-3d output.
     """
+
+
+class _BatchNormAct(_BatchNorm):
+    """BatchNorm fused with an optional residual add and an activation:
+    ``forward(x, residual=None) = act(BN(x) + residual)`` in one pass over memory, and one
+    fused backward that recomputes the pre-activation instead of keeping it.
+
+    Same parameters, buffers and state_dict as the BatchNorm it extends (a torch.nn BatchNorm
+    checkpoint loads unchanged); it is an instance of the torch.nn BatchNorm class too.
+    activation: ``"relu"`` (default), ``"leaky_relu"`` (activation_param: negative slope,
+    default 0.01), ``"elu"`` (activation_param: alpha, default 1.0), ``"silu"`` or
+    ``"identity"``. The other arguments are torch.nn's.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: str = "relu",
+        activation_param: Optional[float] = None,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        F.resolve_activation_param(activation, activation_param)  # ValueError when invalid
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation = activation
+        self.activation_param = activation_param
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """input: ``(N, C, *)`` with C = num_features (rank set by the subclass); residual:
+        ``None`` or input's shape and dtype → ``act(BN(input) + residual)``, input's shape."""
+        if not torch.jit.is_scripting() and _is_fx_proxy(input):
+            return _fx_leaf_call(self, (input,) if residual is None else (input, residual))
+        return self._normalize(input, self.activation, self.activation_param, residual)
+
+    def extra_repr(self) -> str:
+        act = f"activation={self.activation!r}"
+        if self.activation_param is not None:
+            act += f", activation_param={self.activation_param}"
+        return f"{super().extra_repr()}, {act}"
+
+
+class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
+    """BatchNorm1d + residual + activation, fused; input ``(N, C)`` or ``(N, C, L)``."""
+
+
+class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
+    """BatchNorm2d + residual + activation, fused; input ``(N, C, H, W)`` (channels-last kept)."""
+
+
+class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
+    """BatchNorm3d + residual + activation, fused; input ``(N, C, D, H, W)``."""

@@ -38,6 +38,10 @@ MATH = "kernels/common/batch_norm_math.h"
 KERNEL = "kernels/cpu/batch_norm_kernel.cpp"
 OPERATOR = "kernels/cpu/batch_norm_cpu.cpp"
 AUTOGRAD_CPP = "csrc/autograd/batch_norm.cpp"
+ACTIVATION_VEC = "kernels/cpu/activation_vec.h"
+CONTIGUOUS = "kernels/cpu/contiguous.h"
+CHANNELS_LAST = "kernels/cpu/channels_last.h"
+FUSED = "pytest tests/python/test_fused.py"
 TRANSFORMS_PY = "python/custom_bn/_transforms.py"
 TRANSFORMS = "pytest tests/python/test_transforms.py"
 
@@ -46,8 +50,8 @@ MUTANTS = [
     Mutant(
         "cuda-dx-drop-kc",
         CUH,
-        "(static_cast<acc_t>(input[off]) - k.mean) * k.k_x + k.k_c);",
-        "(static_cast<acc_t>(input[off]) - k.mean) * k.k_x);",
+        "static_cast<scalar_t>(dz * k.k_dy + (x - k.mean) * k.k_x + k.k_c);",
+        "static_cast<scalar_t>(dz * k.k_dy + (x - k.mean) * k.k_x);",
         "CUDA backward_element: grad_input without the -w*invstd*mean(dy) term",
         (EMULATOR,),
     ),
@@ -113,8 +117,8 @@ MUTANTS = [
     Mutant(
         "cpu-fused-dx-drop-kc",
         KERNEL,
-        "affine_run(dx + p, dy + p, a.training ? x + p : nullptr, k.k_dy, k.k_c, k.mean, k.k_x,",
-        "affine_run(dx + p, dy + p, a.training ? x + p : nullptr, k.k_dy, acc_t(0), k.mean, k.k_x,",
+        "affine_run(dx + p, src.dy + p, a.training ? src.x + p : nullptr, k.k_dy, k.k_c, k.mean,",
+        "affine_run(dx + p, src.dy + p, a.training ? src.x + p : nullptr, k.k_dy, 0 * k.k_c, k.mean,",
         "CPU whole-channel backward: grad_input without the -w*invstd*mean(dy) term",
         (CPU_PATHS,),
     ),
@@ -155,8 +159,8 @@ MUTANTS = [
     Mutant(
         "cpu-cl-tile-channel-offset",
         "kernels/cpu/channels_last.h",
-        "const Pair gv = IO::load(dy + i * g.c + c0 + c, count);",
-        "const Pair gv = IO::load(dy + i * g.c + c, count);",
+        "const auto [gv, xv] = src.load(i * g.c + c0 + c, c0 + c, count);",
+        "const auto [gv, xv] = src.load(i * g.c + c, c0 + c, count);",
         "CPU tile_grad_sums: dy read without the channel block's offset c0 (C > 1024)",
         (CPU_PATHS, PARITY),
     ),
@@ -179,8 +183,8 @@ MUTANTS = [
     Mutant(
         "cpu-eval-uses-batch-stats",
         OPERATOR,
-        "save_invstd.data_ptr(), var.data(), training, eps});",
-        "save_invstd.data_ptr(), var.data(), true, eps});",
+        "save_invstd.data_ptr(), var.data(), training, eps,",
+        "save_invstd.data_ptr(), var.data(), true, eps,",
         "CPU forward: evaluation mode normalizes with the batch statistics",
         (PARITY, MODULES),
     ),
@@ -238,10 +242,51 @@ MUTANTS = [
     Mutant(
         "backward-ignores-tangents",
         AUTOGRAD_CPP,
-        "    return (at::GradMode::is_enabled() && t.requires_grad()) ||\n           t._fw_grad(/*level=*/0).defined();",
-        "    return at::GradMode::is_enabled() && t.requires_grad();",
+        "  return (at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined();",
+        "  return at::GradMode::is_enabled() && t.requires_grad();",
         "backward Autograd kernel: the fused kernel under forward AD (jacfwd over jacrev) "
         "silently drops tangents",
         (TRANSFORMS,),
+    ),
+    # ---------------------------------------------------- fused epilogue (CPU, autograd)
+    Mutant(
+        "fused-leaky-relu-grad-swapped",
+        ACTIVATION_VEC,
+        "return Vec::blendv(dy * Vec(param), dy, z > zero);",
+        "return Vec::blendv(dy, dy * Vec(param), z > zero);",
+        "fused backward: leaky_relu's derivative takes the slope on the positive side",
+        (FUSED,),
+    ),
+    Mutant(
+        "fused-backward-z-without-residual-contiguous",
+        CONTIGUOUS,
+        "      t = {rv.first + beta, rv.second + beta};",
+        "      t = {beta, beta};",
+        "fused backward (contiguous): the pre-activation is recomputed without the residual",
+        (FUSED,),
+    ),
+    Mutant(
+        "fused-forward-drops-residual-channels-last",
+        CHANNELS_LAST,
+        "        t0 = y.first + t0;",
+        "        t0 = t0;",
+        "fused forward (channels-last): the first vector of each step ignores the residual",
+        (FUSED,),
+    ),
+    Mutant(
+        "fused-backward-z-without-bias",
+        KERNEL,
+        "                                 b ? b[c] : acc_t(0));",
+        "                                 acc_t(0));",
+        "fused backward: the recomputed pre-activation leaves out the bias",
+        (FUSED,),
+    ),
+    Mutant(
+        "fused-double-backward-silu-first-term-only",
+        AUTOGRAD_CPP,
+        "      return dy * s * (1 + z * (1 - s));",
+        "      return dy * s;",
+        "differentiable fused backward: silu's derivative without its z * s * (1 - s) term",
+        (FUSED,),
     ),
 ]

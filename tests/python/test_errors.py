@@ -417,13 +417,14 @@ def test_backward_op_rejects_mismatched_arguments():
 # ---------------------------------------------------------------- signature
 
 
-def test_functional_signature_is_torchs():
-    """No keyword torch.nn.functional.batch_norm lacks (fused activation/residual arguments
-    come with the fused operators): an unknown keyword is a TypeError, as in torch."""
+def test_functional_signature_is_torchs_plus_the_epilogue():
+    """torch.nn.functional.batch_norm's parameters, in order and with its defaults, then the
+    fused epilogue's three; an unknown keyword is a TypeError, as in torch."""
     ours = inspect.signature(F.batch_norm).parameters
     theirs = inspect.signature(TF.batch_norm).parameters
-    assert list(ours) == list(theirs)
-    assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
-    for kwargs in ({"activation": "relu"}, {"residual": torch.randn(4, 3)}):
-        with pytest.raises(TypeError):
-            F.batch_norm(torch.randn(4, 3), None, None, training=True, **kwargs)
+    assert list(ours) == list(theirs) + ["activation", "activation_param", "residual"]
+    defaults = [p.default for p in ours.values()]
+    assert defaults[: len(theirs)] == [p.default for p in theirs.values()]
+    assert defaults[len(theirs):] == ["identity", None, None]
+    with pytest.raises(TypeError):
+        F.batch_norm(torch.randn(4, 3), None, None, training=True, act="relu")

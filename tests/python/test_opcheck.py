@@ -83,3 +83,53 @@ def _backward_args(case, device: str, mask: List[bool], requires_grad: bool) -> 
 )
 def test_opcheck_backward(case, mask, requires_grad, device):
     torch.library.opcheck(BACKWARD, _backward_args(case, device, mask, requires_grad))
+
+
+ACT_FORWARD = torch.ops.custom_bn.batch_norm_act_forward.default
+ACT_BACKWARD = torch.ops.custom_bn.batch_norm_act_backward.default
+# (forward case index, activation, activation_param, residual)
+ACT_CASES = [
+    (0, "relu", 0.0, True),
+    (1, "leaky_relu", 0.2, False),
+    (2, "elu", 1.0, True),
+    (3, "silu", 0.0, True),
+    (5, "relu", 0.0, True),
+    (6, "identity", 0.0, True),
+    (7, "elu", 0.5, False),
+]
+ACT_IDS = [f"{FORWARD_IDS[i]}-{a}-{'res' if r else 'nores'}" for i, a, _, r in ACT_CASES]
+
+
+def _act_forward_args(act_case, device: str, requires_grad: bool) -> Tuple:
+    index, activation, param, with_residual = act_case
+    x, w, b, rm, rv, training, momentum, eps = _forward_args(FORWARD_CASES[index], device, requires_grad)
+    residual = torch.randn_like(x).requires_grad_(requires_grad) if with_residual else None
+    return (x, w, b, rm, rv, residual, training, momentum, eps, activation, param)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("act_case", ACT_CASES, ids=ACT_IDS)
+def test_opcheck_act_forward(act_case, requires_grad, device):
+    torch.library.opcheck(ACT_FORWARD, _act_forward_args(act_case, device, requires_grad))
+
+
+ACT_MASKS = [[True, True, True, True], [True, False, False, False], [False, True, True, False],
+             [False, False, False, True]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("mask", ACT_MASKS, ids=["".join("1" if m else "0" for m in mask) for mask in ACT_MASKS])
+@pytest.mark.parametrize("act_case", [ACT_CASES[i] for i in (0, 2, 4, 5)], ids=[ACT_IDS[i] for i in (0, 2, 4, 5)])
+def test_opcheck_act_backward(act_case, mask, requires_grad, device):
+    x, w, b, rm, rv, r, training, momentum, eps, activation, param = _act_forward_args(act_case, device, False)
+    _, save_mean, save_invstd = ACT_FORWARD(x, w, b, rm, rv, r, training, momentum, eps, activation, param)
+    grad_out = torch.randn_like(x)
+    for t in (x, grad_out, w, b, r):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    torch.library.opcheck(
+        ACT_BACKWARD,
+        (grad_out, x, w, b, r, save_mean, save_invstd, training, eps, activation, param, mask),
+    )

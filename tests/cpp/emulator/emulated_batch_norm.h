@@ -1,13 +1,16 @@
 #pragma once
-// custom_bn::batch_norm_forward / batch_norm_backward as the CUDA build runs them (argument
-// checks, launch sequence, launch configurations, kernel bodies), executed on CPU tensors by the
-// emulator. Same contract as csrc/ops/batch_norm.h; `device` says which GPU to pretend to be.
+// custom_bn::batch_norm_forward / batch_norm_backward and the fused batch_norm_act_forward /
+// batch_norm_act_backward as the CUDA build runs them (argument checks, launch sequence, launch
+// configurations, kernel bodies), executed on CPU tensors by the emulator. Same contract as
+// csrc/ops/batch_norm.h (the activation already parsed, as the CUDA launchers pass it); `device`
+// says which GPU to pretend to be.
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
 #include <array>
 #include <tuple>
 
+#include "common/activation.h"
 #include "emulator_backend.h"
 
 namespace custom_bn {
@@ -22,6 +25,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const EmulatedDevice& device, const at::Tensor& grad_output, const at::Tensor& input,
     const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
     const at::Tensor& save_invstd, bool training, std::array<bool, 3> output_mask);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
+    const EmulatedDevice& device, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
+    bool training, double momentum, double eps, Activation activation, double activation_param);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
+    const EmulatedDevice& device, const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, Activation activation, double activation_param,
+    std::array<bool, 4> output_mask);
 
 }  // namespace emulator
 }  // namespace custom_bn

@@ -13,5 +13,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
                                           save_mean, save_invstd, training, output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
+    const EmulatedDevice& device, const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, Activation activation, double activation_param,
+    std::array<bool, 4> output_mask) {
+  return cuda_launch::batch_norm_act_backward(EmulatorBackend(device), grad_output, input, weight,
+                                              bias, residual, save_mean, save_invstd, training,
+                                              activation, activation_param, output_mask);
+}
+
 }  // namespace emulator
 }  // namespace custom_bn

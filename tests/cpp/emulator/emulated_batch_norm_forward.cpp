@@ -14,5 +14,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
                                          running_mean, running_var, training, momentum, eps);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
+    const EmulatedDevice& device, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
+    bool training, double momentum, double eps, Activation activation, double activation_param) {
+  return cuda_launch::batch_norm_act_forward(EmulatorBackend(device), input, weight, bias,
+                                             running_mean, running_var, residual, training,
+                                             momentum, eps, activation, activation_param);
+}
+
 }  // namespace emulator
 }  // namespace custom_bn

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -50,8 +51,20 @@ EmulatedDevice index64() {
   return d;
 }
 
+const char* activation_name(Activation a) {
+  switch (a) {
+    case Activation::kIdentity: return "identity";
+    case Activation::kRelu: return "relu";
+    case Activation::kLeakyRelu: return "leaky_relu";
+    case Activation::kElu: return "elu";
+    case Activation::kSilu: return "silu";
+  }
+  return "unknown";
+}
+
 std::string ParityCase::name() const {
   std::ostringstream os;
+  if (fused) os << "fused_" << activation_name(activation) << (residual ? "_residual_" : "_");
   os << c10::toString(dtype);
   if (param_dtype != dtype) os << "_params" << c10::toString(param_dtype);
   os << "_" << shape_name(shape) << (channels_last ? "_channels_last" : "")
@@ -142,68 +155,113 @@ BoundTolerance bound_tolerance(at::ScalarType dtype) {
 // difference x - mean carries the mean's error, so its scale is |x| + mean|x|; a coefficient
 // computed from the statistics (invstd, alpha) carries their relative error r_inv. In
 // evaluation the statistics are given, not computed, and only rounded.
+//
+// The fused epilogue y = act(z), z = BN(x) + residual: z's scale is BN's output scale plus
+// |residual|; y's is L times that (L: the activation's largest slope; |act(z)| <= L |z| for all
+// five). Its backward's dz = dy * act'(z) takes dy's place in the batch-norm backward, with the
+// magnitude |dy| (L + C2 * scale(z)) (C2: the largest |act''|, through which z's error reaches dz)
+// in place of |dy|; grad_residual is dz.
 struct ErrorScales {
   at::Tensor mean, invstd, running_mean, running_var;  // [C]
+  at::Tensor pre_activation;                           // z, like the input
   at::Tensor output;                                   // like the input
-  at::Tensor grad_input;                               // like the input
+  at::Tensor grad_input, grad_residual;                // like the input
   at::Tensor grad_weight, grad_bias;                   // [C]
 };
 
-ErrorScales error_scales(const at::Tensor& x64, const at::Tensor& dy64, const OptTensor& w64,
-                         const OptTensor& b64, const OptTensor& rm64, const OptTensor& rv64,
-                         const ParityCase& c) {
-  std::vector<int64_t> reduce_dims = {0};
-  for (int64_t d = 2; d < x64.dim(); ++d) reduce_dims.push_back(d);
+// The statistics of the reference in float64 and the scales of the forward's values.
+struct ForwardTerms {
+  std::vector<int64_t> reduce_dims;
+  at::Tensor mean, mean_abs, var_scale, invstd, r_inv;  // broadcastable per channel
+  at::Tensor xhat, xhat_scale, alpha, w, b;
+};
+
+ForwardTerms forward_terms(const at::Tensor& x64, const OptTensor& w64, const OptTensor& b64,
+                           const OptTensor& rm64, const OptTensor& rv64, const ParityCase& c) {
+  ForwardTerms t;
+  t.reduce_dims = {0};
+  for (int64_t d = 2; d < x64.dim(); ++d) t.reduce_dims.push_back(d);
   std::vector<int64_t> channel_shape(x64.dim(), 1);
   channel_shape[1] = x64.size(1);
-  const auto per_channel = [&](const at::Tensor& t) { return t.reshape(channel_shape); };
-  const auto mean_of = [&](const at::Tensor& t) { return t.mean(reduce_dims, true); };
-  const double n = static_cast<double>(x64.numel() / std::max<int64_t>(1, x64.size(1)));
+  const auto per_channel = [&](const at::Tensor& v) { return v.reshape(channel_shape); };
+  const auto mean_of = [&](const at::Tensor& v) { return v.mean(t.reduce_dims, true); };
 
-  at::Tensor mean, var, mean_abs, var_scale;
+  at::Tensor var;
   if (c.training) {
-    mean = mean_of(x64);
-    var = mean_of((x64 - mean).square());
-    mean_abs = mean_of(x64.abs());
+    t.mean = mean_of(x64);
+    var = mean_of((x64 - t.mean).square());
+    t.mean_abs = mean_of(x64.abs());
     // The terms (x - mean)^2, each difference off by the mean's error (~ u mean|x|).
-    var_scale = var + mean_of((x64 - mean).abs()) * mean_abs;
+    t.var_scale = var + mean_of((x64 - t.mean).abs()) * t.mean_abs;
   } else {
-    mean = per_channel(*rm64);
+    t.mean = per_channel(*rm64);
     var = per_channel(*rv64);
-    mean_abs = mean.abs();
-    var_scale = var;
+    t.mean_abs = t.mean.abs();
+    t.var_scale = var;
   }
-  const at::Tensor invstd = (var + c.eps).rsqrt();
-  const at::Tensor r_inv = 1 + var_scale / (var + c.eps);  // relative error scale of invstd
-  const at::Tensor w = w64.has_value() ? per_channel(w64->abs()) : at::ones_like(invstd);
-  const at::Tensor b = b64.has_value() ? per_channel(b64->abs()) : at::zeros_like(invstd);
-  const at::Tensor centred = x64 - mean;
-  const at::Tensor xhat = centred * invstd;
-  const at::Tensor xhat_scale = invstd * (x64.abs() + mean_abs + centred.abs() * r_inv);
-  const at::Tensor alpha = invstd * w;
+  t.invstd = (var + c.eps).rsqrt();
+  t.r_inv = 1 + t.var_scale / (var + c.eps);  // relative error scale of invstd
+  t.w = w64.has_value() ? per_channel(w64->abs()) : at::ones_like(t.invstd);
+  t.b = b64.has_value() ? per_channel(b64->abs()) : at::zeros_like(t.invstd);
+  const at::Tensor centred = x64 - t.mean;
+  t.xhat = centred * t.invstd;
+  t.xhat_scale = t.invstd * (x64.abs() + t.mean_abs + centred.abs() * t.r_inv);
+  t.alpha = t.invstd * t.w;
+  return t;
+}
+
+// The largest slope and the largest curvature of the activation (see ErrorScales).
+struct ActivationBounds {
+  double slope;
+  double curvature;
+};
+
+ActivationBounds activation_bounds(const ParityCase& c) {
+  const double p = std::abs(c.activation_param);
+  switch (c.activation) {
+    case Activation::kLeakyRelu: return {std::max(1.0, p), 0.0};
+    case Activation::kElu: return {std::max(1.0, p), p};
+    case Activation::kSilu: return {1.1, 0.5};
+    default: return {1.0, 0.0};
+  }
+}
+
+// dz: the gradient at z (dy for the plain operators); r_abs: |residual|, or undefined.
+ErrorScales error_scales(const ForwardTerms& t, const at::Tensor& dy64, const at::Tensor& dz64,
+                         const at::Tensor& r_abs, const OptTensor& rm64, const OptTensor& rv64,
+                         const ParityCase& c) {
+  const auto mean_of = [&](const at::Tensor& v) { return v.mean(t.reduce_dims, true); };
+  const double n = static_cast<double>(dy64.numel() / std::max<int64_t>(1, dy64.size(1)));
+  const ActivationBounds act = activation_bounds(c);
 
   ErrorScales s;
-  s.mean = mean_abs.flatten();
-  s.invstd = (invstd * r_inv).flatten();
+  s.mean = t.mean_abs.flatten();
+  s.invstd = (t.invstd * t.r_inv).flatten();
   if (c.running_stats) {
     const double m = c.momentum;
     s.running_mean = (1 - m) * rm64->abs() + (c.training ? m * s.mean : at::zeros_like(s.mean));
     s.running_var = (1 - m) * rv64->abs() +
-                    (c.training ? m * n / std::max(1.0, n - 1) * var_scale.flatten()
+                    (c.training ? m * n / std::max(1.0, n - 1) * t.var_scale.flatten()
                                 : at::zeros_like(s.mean));
   }
-  s.output = w * xhat_scale + b;
+  s.pre_activation = t.w * t.xhat_scale + t.b;
+  if (r_abs.defined()) s.pre_activation = s.pre_activation + r_abs;
+  s.output = act.slope * s.pre_activation;
+  // |dz| and the scale of its error.
+  const at::Tensor dz_abs =
+      c.fused ? dy64.abs() * (act.slope + act.curvature * s.pre_activation) : dy64.abs();
+  s.grad_residual = dz_abs;
   if (c.training) {
-    const at::Tensor mean_dy = mean_of(dy64), mean_dy_xhat = mean_of(dy64 * xhat);
+    const at::Tensor mean_dz = mean_of(dz64), mean_dz_xhat = mean_of(dz64 * t.xhat);
     s.grad_input =
-        alpha * ((dy64.abs() + mean_dy.abs() + xhat.abs() * mean_dy_xhat.abs()) * r_inv +
-                 mean_of(dy64.abs()) + xhat_scale * mean_dy_xhat.abs() +
-                 xhat.abs() * mean_of(dy64.abs() * xhat_scale));
+        t.alpha * ((dz_abs + mean_dz.abs() + t.xhat.abs() * mean_dz_xhat.abs()) * t.r_inv +
+                   mean_of(dz_abs) + t.xhat_scale * mean_dz_xhat.abs() +
+                   t.xhat.abs() * mean_of(dz_abs * t.xhat_scale));
   } else {
-    s.grad_input = alpha * dy64.abs() * r_inv;
+    s.grad_input = t.alpha * dz_abs * t.r_inv;
   }
-  s.grad_weight = (dy64.abs() * xhat_scale).sum(reduce_dims);
-  s.grad_bias = dy64.abs().sum(reduce_dims);
+  s.grad_weight = (dz_abs * t.xhat_scale).sum(t.reduce_dims);
+  s.grad_bias = dz_abs.sum(t.reduce_dims);
   return s;
 }
 
@@ -258,53 +316,172 @@ ErrorScales error_scales(const at::Tensor& x64, const at::Tensor& dy64, const Op
   return ::testing::AssertionFailure() << os.str();
 }
 
+// The float64 reference of the fused epilogue at z: act(z) with ATen's own activation and its
+// derivative dy * act'(z) by autograd.
+std::pair<at::Tensor, at::Tensor> activation_reference(const ParityCase& c, const at::Tensor& z64,
+                                                       const at::Tensor& dy64) {
+  if (c.activation == Activation::kIdentity) return {z64, dy64};
+  const at::Tensor z = z64.detach().requires_grad_(true);
+  at::Tensor y;
+  switch (c.activation) {
+    case Activation::kRelu: y = at::relu(z); break;
+    case Activation::kLeakyRelu: y = at::leaky_relu(z, c.activation_param); break;
+    case Activation::kElu: y = at::elu(z, c.activation_param); break;
+    case Activation::kSilu: y = at::silu(z); break;
+    default: TORCH_CHECK(false, "activation_reference: ", activation_name(c.activation));
+  }
+  const auto grads = torch::autograd::grad({y}, {z}, {dy64});
+  return {y.detach(), grads[0]};
+}
+
+// relu, leaky_relu and elu change slope at z = 0: where the float64 z and the kernels' z (off by
+// their rounding) lie on opposite sides of it, their derivatives differ outright, and neither is
+// wrong. Such inputs are moved out of the way: every x whose z is within the acc dtype's bound of
+// 0 steps away from 0 (by at least one ulp of its dtype) until none is left; moving x shifts the
+// channel's statistics and with them every z a little, hence the rounds.
+bool has_kink(const ParityCase& c) {
+  return c.fused && (c.activation == Activation::kRelu ||
+                     c.activation == Activation::kLeakyRelu ||
+                     c.activation == Activation::kElu);
+}
+
+struct Inputs {
+  at::Tensor x, dy;
+  OptTensor weight, bias, running_mean, running_var, residual;
+};
+
+// x away from the kink (see has_kink); false if rounds do not suffice.
+double unit_roundoff(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return std::ldexp(1.0, -53);
+    case at::kFloat: return std::ldexp(1.0, -24);
+    case at::kHalf: return std::ldexp(1.0, -11);
+    default: return std::ldexp(1.0, -8);
+  }
+}
+
+// x away from the kink (see has_kink); false if the rounds do not suffice.
+bool move_off_kink(Inputs& in, const ParityCase& c, at::MemoryFormat fmt) {
+  const at::ScalarType acc_dtype = c.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const OptTensor w64 = to_double(in.weight), b64 = to_double(in.bias);
+  const OptTensor rm64 = to_double(in.running_mean), rv64 = to_double(in.running_var);
+  std::vector<int64_t> channel_shape(c.shape.size(), 1);
+  channel_shape[1] = c.shape[1];
+  for (int round = 0; round < 8; ++round) {
+    const at::Tensor x64 = in.x.to(at::kDouble);
+    const ForwardTerms t = forward_terms(x64, w64, b64, rm64, rv64, c);
+    const at::Tensor w = w64.has_value() ? w64->reshape(channel_shape) : at::ones_like(t.invstd);
+    const at::Tensor alpha = t.invstd * w;  // dz/dx
+    at::Tensor z = t.xhat * w;
+    at::Tensor z_scale = t.w * t.xhat_scale + t.b;
+    if (b64.has_value()) z = z + b64->reshape(channel_shape);
+    if (in.residual.has_value()) {
+      const at::Tensor r64 = in.residual->to(at::kDouble);
+      z = z + r64;
+      z_scale = z_scale + r64.abs();
+    }
+    // Well beyond the kernels' rounding of z (a few units of the acc dtype's roundoff).
+    const at::Tensor margin = 4 * bound_tolerance(acc_dtype).rtol * z_scale;
+    const at::Tensor near = z.abs() <= margin;
+    if (!near.any().item<bool>()) return true;
+    const at::Tensor direction = at::where(z >= 0, 1.0, -1.0) * at::where(alpha >= 0, 1.0, -1.0);
+    const at::Tensor step = at::maximum(2 * margin / alpha.abs().clamp_min(1e-300),
+                                        4 * unit_roundoff(c.dtype) * x64.abs() + 1e-30);
+    in.x = at::where(near, x64 + direction * step, x64).to(c.dtype).contiguous(fmt);
+  }
+  return false;
+}
+
+Inputs make_inputs(const ParityCase& c, at::MemoryFormat fmt) {
+  at::manual_seed(c.seed);
+  const int64_t C = c.shape[1];
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  Inputs in;
+  in.x = channel_varied_input(c.shape, c.dtype).contiguous(fmt);
+  if (c.affine) {
+    in.weight = channel_tensor(at::randn({C}, f64) * 0.5 + 1.0, c.param_dtype,
+                               c.strided_channel_tensors);
+    in.bias = channel_tensor(at::randn({C}, f64), c.param_dtype, c.strided_channel_tensors);
+  }
+  if (c.running_stats) {
+    in.running_mean =
+        channel_tensor(at::randn({C}, f64), c.param_dtype, c.strided_channel_tensors);
+    in.running_var =
+        channel_tensor(at::rand({C}, f64) + 0.5, c.param_dtype, c.strided_channel_tensors);
+  }
+  in.dy = at::randn(c.shape, f64).to(c.dtype).contiguous(fmt);
+  // Of the order of BN's output. Contiguous whatever the input's layout: the operators must
+  // read it in the input's.
+  if (c.residual) in.residual = at::randn(c.shape, f64).to(c.dtype);
+  return in;
+}
+
+// An output whose mask entry is false: an empty [0] tensor, as csrc/checks.h
+// unrequested_gradient makes it.
+::testing::AssertionResult unrequested(const std::string& what, const at::Tensor& t) {
+  if (t.defined() && t.dim() == 1 && t.numel() == 0) return ::testing::AssertionSuccess();
+  auto failure = ::testing::AssertionFailure();
+  failure << what << ": not requested, expected an empty [0] tensor, got ";
+  if (t.defined()) return failure << "shape " << t.sizes();
+  return failure << "an undefined tensor";
+}
+
 }  // namespace
 
 ::testing::AssertionResult check_parity(const ParityCase& c) {
-  at::manual_seed(c.seed);
-  const int64_t C = c.shape[1];
   const auto fmt = c.channels_last ? channels_last_format(static_cast<int64_t>(c.shape.size()))
                                    : at::MemoryFormat::Contiguous;
-  const at::Tensor x = channel_varied_input(c.shape, c.dtype).contiguous(fmt);
-  const auto f64 = at::TensorOptions().dtype(at::kDouble);
-  OptTensor weight, bias, running_mean, running_var;
-  if (c.affine) {
-    weight = channel_tensor(at::randn({C}, f64) * 0.5 + 1.0, c.param_dtype,
-                            c.strided_channel_tensors);
-    bias = channel_tensor(at::randn({C}, f64), c.param_dtype, c.strided_channel_tensors);
+  Inputs in = make_inputs(c, fmt);
+  if (has_kink(c) && !move_off_kink(in, c, fmt)) {
+    return ::testing::AssertionFailure() << "inputs: some z stayed at the activation's kink";
   }
-  if (c.running_stats) {
-    running_mean = channel_tensor(at::randn({C}, f64), c.param_dtype, c.strided_channel_tensors);
-    running_var = channel_tensor(at::rand({C}, f64) + 0.5, c.param_dtype, c.strided_channel_tensors);
-  }
-  const at::Tensor dy = at::randn(c.shape, f64).to(c.dtype).contiguous(fmt);
+  const at::Tensor& x = in.x;
+  const at::Tensor& dy = in.dy;
+  const OptTensor& weight = in.weight;
+  const OptTensor& bias = in.bias;
+  const OptTensor& residual = in.residual;
 
   const at::ScalarType acc_dtype = c.dtype == at::kDouble ? at::kDouble : at::kFloat;
   // Without weight the parameter gradients take the accumulation dtype (csrc/checks.h).
   const at::ScalarType grad_param_dtype = c.affine ? c.param_dtype : acc_dtype;
+  const std::string act = activation_name(c.activation);
   Checker check;
   try {
     dev::emu::ScopedSchedule schedule(c.schedule);
     const at::Tensor x64 = x.to(at::kDouble), dy64 = dy.to(at::kDouble);
-    const OptTensor w64 = to_double(weight), b64 = to_double(bias);
+    const OptTensor w64 = to_double(weight), b64 = to_double(bias), r64 = to_double(residual);
     // Before the forward: ATen's updates the float64 running stats in place.
-    const ErrorScales scale = error_scales(x64, dy64, w64, b64, to_double(running_mean),
-                                           to_double(running_var), c);
+    const ForwardTerms terms = forward_terms(x64, w64, b64, to_double(in.running_mean),
+                                             to_double(in.running_var), c);
 
     // Forward: emulated CUDA, CPU kernel, ATen float64; each with its own running stats.
-    OptTensor rm_emu = clone_like(running_mean), rv_emu = clone_like(running_var);
-    OptTensor rm_cpu = clone_like(running_mean), rv_cpu = clone_like(running_var);
-    OptTensor rm_ref = to_double(running_mean), rv_ref = to_double(running_var);
-    const auto [y, mean, invstd] = batch_norm_forward(c.device, x, weight, bias, rm_emu, rv_emu,
-                                                      c.training, c.momentum, c.eps);
-    const auto [y_cpu, mean_cpu, invstd_cpu] = custom_bn::batch_norm_forward(
-        x, weight, bias, rm_cpu, rv_cpu, c.training, c.momentum, c.eps);
-    auto [y_ref, mean_ref, invstd_ref] =
+    OptTensor rm_emu = clone_like(in.running_mean), rv_emu = clone_like(in.running_var);
+    OptTensor rm_cpu = clone_like(in.running_mean), rv_cpu = clone_like(in.running_var);
+    OptTensor rm_ref = to_double(in.running_mean), rv_ref = to_double(in.running_var);
+    const OptTensor rm_before = to_double(in.running_mean), rv_before = to_double(in.running_var);
+    const auto [y, mean, invstd] =
+        c.fused ? batch_norm_act_forward(c.device, x, weight, bias, rm_emu, rv_emu, residual,
+                                         c.training, c.momentum, c.eps, c.activation,
+                                         c.activation_param)
+                : batch_norm_forward(c.device, x, weight, bias, rm_emu, rv_emu, c.training,
+                                     c.momentum, c.eps);
+    const auto [y_cpu, mean_cpu, invstd_cpu] =
+        c.fused ? custom_bn::batch_norm_act_forward(x, weight, bias, rm_cpu, rv_cpu, residual,
+                                                    c.training, c.momentum, c.eps, act,
+                                                    c.activation_param)
+                : custom_bn::batch_norm_forward(x, weight, bias, rm_cpu, rv_cpu, c.training,
+                                                c.momentum, c.eps);
+    auto [bn_ref, mean_ref, invstd_ref] =
         at::native_batch_norm(x64, w64, b64, rm_ref, rv_ref, c.training, c.momentum, c.eps);
     if (!c.training) {
       mean_ref = *rm_ref;
       invstd_ref = (*rv_ref + c.eps).rsqrt();
     }
+    const at::Tensor z_ref = r64.has_value() ? bn_ref + *r64 : bn_ref;
+    const auto [y_ref, dz_ref] = activation_reference(c, z_ref, dy64);
+    const ErrorScales scale = error_scales(terms, dy64, dz_ref,
+                                           r64.has_value() ? r64->abs() : at::Tensor(),
+                                           rm_before, rv_before, c);
 
     check.expect(agree("output", y, y_cpu, c.dtype, y_ref, scale.output));
     check.expect_true(y.strides() == y_cpu.strides(),
@@ -318,30 +495,60 @@ ErrorScales error_scales(const at::Tensor& x64, const at::Tensor& dy64, const Op
                          scale.running_var));
     }
 
-    // Backward, from each path's own saved statistics.
+    // Backward, from each path's own saved statistics; the reference is BN's backward of dz.
+    const auto [dx_ref, dw_ref, db_ref] = at::native_batch_norm_backward(
+        dz_ref, x64, w64, rm_ref, rv_ref, c.training ? OptTensor(mean_ref) : OptTensor(),
+        c.training ? OptTensor(invstd_ref) : OptTensor(), c.training, c.eps,
+        {true, true, true});
     for (const auto& mask : c.masks) {
       std::ostringstream which;
-      which << " [mask " << mask[0] << mask[1] << mask[2] << "]";
-      const auto [dx, dw, db] =
-          batch_norm_backward(c.device, dy, x, weight, mean, invstd, c.training, mask);
-      const auto [dx_cpu, dw_cpu, db_cpu] = custom_bn::batch_norm_backward(
-          dy, x, weight, mean_cpu, invstd_cpu, c.training, c.eps, mask);
-      const auto [dx_ref, dw_ref, db_ref] = at::native_batch_norm_backward(
-          dy64, x64, w64, rm_ref, rv_ref, c.training ? OptTensor(mean_ref) : OptTensor(),
-          c.training ? OptTensor(invstd_ref) : OptTensor(), c.training, c.eps, mask);
+      which << " [mask " << mask[0] << mask[1] << mask[2] << (c.fused ? "" : "]");
+      if (c.fused) which << mask[3] << "]";
+      at::Tensor dx, dw, db, dr, dx_cpu, dw_cpu, db_cpu, dr_cpu;
+      if (c.fused) {
+        const BackwardFault& f = c.fault;
+        std::tie(dx, dw, db, dr) = batch_norm_act_backward(
+            c.device, dy, x, weight, bias, f.drop_residual ? OptTensor() : residual, mean,
+            invstd, c.training, f.activation.value_or(c.activation),
+            f.activation_param.value_or(c.activation_param), mask);
+        std::tie(dx_cpu, dw_cpu, db_cpu, dr_cpu) = custom_bn::batch_norm_act_backward(
+            dy, x, weight, bias, residual, mean_cpu, invstd_cpu, c.training, c.eps, act,
+            c.activation_param, mask);
+      } else {
+        const std::array<bool, 3> mask3 = {mask[0], mask[1], mask[2]};
+        std::tie(dx, dw, db) =
+            batch_norm_backward(c.device, dy, x, weight, mean, invstd, c.training, mask3);
+        std::tie(dx_cpu, dw_cpu, db_cpu) = custom_bn::batch_norm_backward(
+            dy, x, weight, mean_cpu, invstd_cpu, c.training, c.eps, mask3);
+      }
       if (mask[0]) {
         check.expect(agree("grad_input" + which.str(), dx, dx_cpu, c.dtype, dx_ref,
                            scale.grad_input));
         check.expect_true(dx.strides() == x.strides(),
                           "grad_input strides differ from the input's" + which.str());
+      } else {
+        check.expect(unrequested("grad_input" + which.str(), dx));
       }
       if (mask[1]) {
         check.expect(agree("grad_weight" + which.str(), dw, dw_cpu, grad_param_dtype, dw_ref,
                            scale.grad_weight));
+      } else {
+        check.expect(unrequested("grad_weight" + which.str(), dw));
       }
       if (mask[2]) {
         check.expect(agree("grad_bias" + which.str(), db, db_cpu, grad_param_dtype, db_ref,
                            scale.grad_bias));
+      } else {
+        check.expect(unrequested("grad_bias" + which.str(), db));
+      }
+      if (!c.fused) continue;
+      if (mask[3]) {
+        check.expect(agree("grad_residual" + which.str(), dr, dr_cpu, c.dtype, dz_ref,
+                           scale.grad_residual));
+        check.expect_true(dr.strides() == x.strides(),
+                          "grad_residual strides differ from the input's" + which.str());
+      } else {
+        check.expect(unrequested("grad_residual" + which.str(), dr));
       }
     }
   } catch (const dev::emu::EmulatorError& e) {

@@ -1,11 +1,15 @@
 #pragma once
 // One emulated forward + backward of the CUDA operators and the same calls on the CPU kernels
-// (custom_bn::batch_norm_forward/backward on CPU), each checked directly against ATen in float64
-// (at::native_batch_norm / at::native_batch_norm_backward) within a per-dtype bound: outputs,
+// (custom_bn::batch_norm_forward/backward on CPU, or the fused batch_norm_act_forward/backward),
+// each checked directly against ATen in float64 (at::native_batch_norm /
+// at::native_batch_norm_backward, and for the fused operators + residual, then at::relu /
+// leaky_relu / elu / silu with autograd for their derivative) within a per-dtype bound: outputs,
 // saved statistics, running statistics, all requested gradients, and the memory format of
 // every result.
 #include <ATen/core/ScalarType.h>
 #include <gtest/gtest.h>
+
+#include <c10/util/Optional.h>
 
 #include <array>
 #include <cstdint>
@@ -13,11 +17,21 @@
 #include <string>
 #include <vector>
 
+#include "common/activation.h"
 #include "cuda_emulator.h"
 #include "emulator_backend.h"
 
 namespace custom_bn {
 namespace emulator {
+
+// A deliberate bug for the harness's own tests (test_deliberate_bugs.cpp): the emulated
+// backward differentiates another activation (or parameter) than the forward applied, or
+// recomputes z without the residual, as a kernel with that bug would.
+struct BackwardFault {
+  c10::optional<Activation> activation;
+  c10::optional<double> activation_param;
+  bool drop_residual = false;
+};
 
 struct ParityCase {
   std::vector<int64_t> shape;
@@ -30,13 +44,23 @@ struct ParityCase {
   bool strided_channel_tensors = false;  // weight, bias, running stats as stride-2 views
   double momentum = 0.1;
   double eps = 1e-5;
-  std::vector<std::array<bool, 3>> masks = {{true, true, true}};
+  // The fused operators y = act(BN(x) + residual) in place of the plain ones. A mask's fourth
+  // entry (grad_residual) is theirs; the plain operators' masks leave it false.
+  bool fused = false;
+  Activation activation = Activation::kIdentity;
+  double activation_param = 0.0;  // leaky_relu: negative slope; elu: alpha
+  bool residual = false;
+  BackwardFault fault;
+  std::vector<std::array<bool, 4>> masks = {{true, true, true, false}};
   EmulatedDevice device;
   dev::emu::Schedule schedule;
   uint64_t seed = 0;
 
   std::string name() const;
 };
+
+// "identity", "relu", ...: the operators' string argument.
+const char* activation_name(Activation a);
 
 // gtest prints a failing case by its name rather than as bytes.
 inline void PrintTo(const ParityCase& c, std::ostream* os) { *os << c.name(); }

@@ -5,6 +5,9 @@
 //  - threadIdx.y read where threadIdx.x was meant and the reverse (a flipped index).
 // Each test first shows the unmutated case passes, then that the mutated one fails the
 // comparison with the CPU kernels, and that the mutation really struck (its hit count).
+// The fused epilogue's backward is given a wrong derivative through its arguments instead (a
+// BackwardFault of parity.h): the real kernels then differentiate another activation than the
+// forward applied, or recompute z without the residual, exactly as a kernel with that bug would.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -112,6 +115,67 @@ TEST(DeliberateBugs, FlippedThreadIndexInChannelsLastChannelIsCaught) {
   EXPECT_GT(flip.hits(), 0);
   std::printf("[ caught   ] channels_last_channel reading threadIdx.y for threadIdx.x:%s\n",
               first_lines(result.message(), 3).c_str());
+}
+
+ParityCase fused_bug_case(Activation activation, double param, bool channels_last) {
+  ParityCase c = bug_case(channels_last ? std::vector<int64_t>{2, 40, 3, 3}
+                                        : std::vector<int64_t>{5, 17, 33},
+                          channels_last);
+  c.fused = true;
+  c.activation = activation;
+  c.activation_param = param;
+  c.residual = true;
+  c.masks = {{true, true, true, true}};
+  return c;
+}
+
+struct DerivativeBug {
+  const char* what;
+  ParityCase c;
+};
+
+// Each a derivative that is wrong only in part of its domain or only slightly: relu's mask
+// leaking a 0.01 slope, leaky_relu's slope off by 0.05, elu's alpha off by 0.3 on its negative
+// side, silu's derivative taken as 1, and a z recomputed without the residual (relu's mask, hence
+// its derivative, then comes from the wrong z).
+std::vector<DerivativeBug> derivative_bugs() {
+  std::vector<DerivativeBug> bugs;
+  for (bool channels_last : {false, true}) {
+    ParityCase relu = fused_bug_case(Activation::kRelu, 0.0, channels_last);
+    relu.fault.activation = Activation::kLeakyRelu;
+    relu.fault.activation_param = 0.01;
+    bugs.push_back({"relu differentiated as leaky_relu(0.01)", relu});
+
+    ParityCase leaky = fused_bug_case(Activation::kLeakyRelu, 0.2, channels_last);
+    leaky.fault.activation_param = 0.25;
+    bugs.push_back({"leaky_relu(0.2) differentiated with slope 0.25", leaky});
+
+    ParityCase elu = fused_bug_case(Activation::kElu, 1.3, channels_last);
+    elu.fault.activation_param = 1.0;
+    bugs.push_back({"elu(1.3) differentiated with alpha 1", elu});
+
+    ParityCase silu = fused_bug_case(Activation::kSilu, 0.0, channels_last);
+    silu.fault.activation = Activation::kIdentity;
+    bugs.push_back({"silu differentiated as the identity", silu});
+
+    ParityCase no_residual = fused_bug_case(Activation::kRelu, 0.0, channels_last);
+    no_residual.fault.drop_residual = true;
+    bugs.push_back({"relu's z recomputed without the residual", no_residual});
+  }
+  return bugs;
+}
+
+TEST(DeliberateBugs, WrongActivationDerivativeIsCaught) {
+  for (const DerivativeBug& bug : derivative_bugs()) {
+    ParityCase correct = bug.c;
+    correct.fault = BackwardFault{};
+    ASSERT_TRUE(check_parity(correct)) << "the unmutated kernels must pass: " << correct.name();
+    const ::testing::AssertionResult result = check_parity(bug.c);
+    EXPECT_FALSE(result) << bug.what << " went unnoticed (" << bug.c.name() << ")";
+    std::printf("[ caught   ] %s (%s):%s\n", bug.what,
+                bug.c.channels_last ? "channels-last" : "contiguous",
+                first_lines(result.message(), 2).c_str());
+  }
 }
 
 // "block_reduce" from "... custom_bn::cuda_kernels::emulated::block_reduce(...) [with ...]".

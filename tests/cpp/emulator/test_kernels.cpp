@@ -158,6 +158,79 @@ std::vector<ParityCase> argument_cases() {
   return cases;
 }
 
+// The fused epilogue y = act(BN(x) + residual) through batch_norm_act_forward / _backward:
+// every activation, with and without a residual (contiguous even for a channels-last input, so
+// that the operators must convert it), both layouts and modes, float64, float32, float16 with
+// float parameters and bfloat16 with its own. Besides all four gradients at once, grad_residual
+// alone (the elementwise kernel without grad_input) and, in float64, each backward kernel alone.
+std::vector<ParityCase> fused_cases() {
+  struct Epilogue {
+    Activation activation;
+    double param;
+  };
+  // A leaky_relu slope and an elu alpha other than the defaults, and an elu whose derivative
+  // jumps at 0 (alpha != 1).
+  const std::vector<Epilogue> epilogues = {{Activation::kIdentity, 0.0},
+                                           {Activation::kRelu, 0.0},
+                                           {Activation::kLeakyRelu, 0.2},
+                                           {Activation::kElu, 1.3},
+                                           {Activation::kSilu, 0.0}};
+  const std::vector<Layout> fused_layouts = {{{5, 17, 33}, false}, {{2, 40, 3, 3}, true}};
+  const std::vector<EmulatedDevice> devices = {gpu_defaults(), many_splits(), two_warp_splits(),
+                                               index64()};
+  const std::vector<std::pair<at::ScalarType, at::ScalarType>> fused_dtypes = {
+      {at::kDouble, at::kDouble},
+      {at::kFloat, at::kFloat},
+      {at::kHalf, at::kFloat},
+      {at::kBFloat16, at::kBFloat16}};
+  std::vector<ParityCase> cases;
+  for (const auto& [dtype, param_dtype] : fused_dtypes) {
+    for (const Epilogue& e : epilogues) {
+      for (bool residual : {false, true}) {
+        for (const Layout& l : fused_layouts) {
+          for (bool training : {true, false}) {
+            const size_t i = cases.size();
+            ParityCase c = make_case(l, dtype, param_dtype, training, devices[i % devices.size()],
+                                     20000 + i);
+            c.fused = true;
+            c.activation = e.activation;
+            c.activation_param = e.param;
+            c.residual = residual;
+            c.masks = {{true, true, true, true}, {false, false, false, true}};
+            if (dtype == at::kDouble) {
+              c.masks.push_back({true, false, false, false});
+              c.masks.push_back({false, true, true, false});
+            }
+            cases.push_back(c);
+          }
+        }
+      }
+    }
+  }
+  // Without weight and bias (alpha = invstd, beta = -mean * invstd) and with strided ones.
+  for (const Epilogue& e : epilogues) {
+    ParityCase no_affine =
+        make_case({{5, 17, 33}, false}, at::kFloat, at::kFloat, true, many_splits(), 29000);
+    no_affine.fused = true;
+    no_affine.activation = e.activation;
+    no_affine.activation_param = e.param;
+    no_affine.residual = true;
+    no_affine.affine = false;
+    no_affine.masks = {{true, true, true, true}};
+    cases.push_back(no_affine);
+
+    ParityCase strided = no_affine;
+    strided.affine = true;
+    strided.strided_channel_tensors = true;
+    strided.shape = {2, 40, 3, 3};
+    strided.channels_last = true;
+    strided.training = false;
+    strided.device = two_warp_splits();
+    cases.push_back(strided);
+  }
+  return cases;
+}
+
 class EmulatedKernels : public ::testing::TestWithParam<ParityCase> {};
 
 TEST_P(EmulatedKernels, MatchCpuKernelsAndATen) { EXPECT_TRUE(check_parity(GetParam())); }
@@ -171,6 +244,7 @@ INSTANTIATE_TEST_SUITE_P(GpuSized, EmulatedKernels, ::testing::ValuesIn(gpu_size
                          case_name);
 INSTANTIATE_TEST_SUITE_P(Arguments, EmulatedKernels, ::testing::ValuesIn(argument_cases()),
                          case_name);
+INSTANTIATE_TEST_SUITE_P(Fused, EmulatedKernels, ::testing::ValuesIn(fused_cases()), case_name);
 
 // The shrunken devices must do what they are for: split reductions over many blocks, blocks of
 // several warps, and the 64-bit kernels.
@@ -222,7 +296,9 @@ TEST(EmulatedLaunches, UseTheLaunchConfigHeuristics) {
   EXPECT_EQ(log[0].block.y, stats.block_y);
   EXPECT_EQ(log[0].dynamic_shared_bytes, stats.shared_bytes);
   EXPECT_GT(stats.grid_y, 1) << "the GPU configuration itself splits this channel";
-  EXPECT_EQ(log[1].kernel, "batch_norm_transform_contiguous_kernel<float, float, float, int>");
+  EXPECT_EQ(log[1].kernel,
+            "batch_norm_transform_contiguous_kernel<custom_bn::Activation::kIdentity, float, "
+            "float, float, int>");
   EXPECT_EQ(log[1].grid.y, transform.grid_y);
   EXPECT_EQ(log[1].block.x * log[1].block.y, 256);
 }
@@ -354,7 +430,7 @@ std::vector<std::string> template_args(const std::string& instantiation) {
 }
 
 // Acceptance of issue 3: every __global__ kernel in kernels/cuda is launched by an emulated test,
-// for each input dtype, both index types and both modes where it has them. The kernels are read
+// for each input dtype, both index types, both modes and every activation where it has them. The kernels are read
 // from the sources, so a new kernel without an emulated test fails here. Checked when the whole
 // suite ran (a filtered run launches only part of them).
 class KernelCoverage : public ::testing::Environment {
@@ -407,6 +483,15 @@ class KernelCoverage : public ::testing::Environment {
       if (last.count("int") || last.count("long int")) {
         EXPECT_TRUE(last.count("int") && last.count("long int"))
             << name << " was not launched with both 32- and 64-bit indices";
+      }
+      const bool has_activation = std::any_of(all_args.begin(), all_args.end(), [](const auto& a) {
+        return a.starts_with("custom_bn::Activation::");
+      });
+      if (has_activation) {
+        for (const char* act : {"kIdentity", "kRelu", "kLeakyRelu", "kElu", "kSilu"}) {
+          EXPECT_TRUE(all_args.count(std::string("custom_bn::Activation::") + act))
+              << name << " was never launched with activation " << act;
+        }
       }
       const auto& first = by_position.begin()->second;
       if (first.count("true") || first.count("false")) {
