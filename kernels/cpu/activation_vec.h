@@ -53,9 +53,19 @@ struct VecActivation {
     }
   }
 
-  Pair forward(const Pair& z) const { return {forward(z.first), forward(z.second)}; }
-  Pair grad(const Pair& dy, const Pair& z) const {
-    return {grad(dy.first, z.first), grad(dy.second, z.second)};
+  // In place on the pairs of vectors the loops hold (no pair is returned by value: GCC may
+  // move such a return through the stack).
+  void forward_inplace(Pair& z) const {
+    if constexpr (!kIdentity) {
+      z.first = forward(z.first);
+      z.second = forward(z.second);
+    }
+  }
+  void grad_inplace(Pair& dy, const Pair& z) const {
+    if constexpr (!kIdentity) {
+      dy.first = grad(dy.first, z.first);
+      dy.second = grad(dy.second, z.second);
+    }
   }
 };
 

@@ -56,7 +56,7 @@ void affine_tile(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coef
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Pair = typename IO::Pair;
-  const auto step = [&](int64_t p, int64_t c, auto count) {
+  const auto step = [&](int64_t p, int64_t c, auto count) CBN_CPU_ALWAYS_INLINE {
     const Pair x = IO::load(a + p, count);
     const Pair ka = IO::load_acc(k.ka + c, count), kc = IO::load_acc(k.kc + c, count);
     Vec t0 = kc.first, t1 = kc.second;
@@ -71,10 +71,9 @@ void affine_tile(scalar_t* out, const scalar_t* a, const scalar_t* b, const Coef
         t1 = y.second + t1;
       }
     }
-    IO::store(out + p,
-              act.forward(Pair{at::vec::fmadd(x.first, ka.first, t0),
-                               at::vec::fmadd(x.second, ka.second, t1)}),
-              count);
+    Pair z{at::vec::fmadd(x.first, ka.first, t0), at::vec::fmadd(x.second, ka.second, t1)};
+    act.forward_inplace(z);
+    IO::store(out + p, z, count);
   };
   for (int64_t r = r0; r < r1; ++r) {
     int64_t c = c0;
@@ -97,21 +96,22 @@ struct TileGrad {
   const acc_t* beta;
   const Act& act;
 
-  // (dz, x) at element p, channel c
+  // dz and x at element p, channel c (out-parameters: see RunGrad::load)
   template <typename Count>
-  std::pair<Pair, Pair> load(int64_t p, int64_t c, Count count) const {
-    const Pair g = IO::load(dy + p, count);
-    const Pair xv = IO::load(x + p, count);
-    if constexpr (Act::kIdentity) return {g, xv};
-    const Pair al = IO::load_acc(alpha + c, count);
-    Pair t = IO::load_acc(beta + c, count);
-    if (r) {
-      const Pair rv = IO::load(r + p, count);
-      t = {rv.first + t.first, rv.second + t.second};
+  CBN_CPU_ALWAYS_INLINE void load(int64_t p, int64_t c, Count count, Pair& g, Pair& xv) const {
+    g = IO::load(dy + p, count);
+    xv = IO::load(x + p, count);
+    if constexpr (!Act::kIdentity) {
+      const Pair al = IO::load_acc(alpha + c, count);
+      Pair t = IO::load_acc(beta + c, count);
+      if (r) {
+        const Pair rv = IO::load(r + p, count);
+        t = {rv.first + t.first, rv.second + t.second};
+      }
+      const Pair z{at::vec::fmadd(xv.first, al.first, t.first),
+                   at::vec::fmadd(xv.second, al.second, t.second)};
+      act.grad_inplace(g, z);
     }
-    const Pair z{at::vec::fmadd(xv.first, al.first, t.first),
-                 at::vec::fmadd(xv.second, al.second, t.second)};
-    return {act.grad(g, z), xv};
   }
 };
 
@@ -229,7 +229,8 @@ void tile_grad_sums(const TileGrad<scalar_t, Act>& src, const Geometry& g,
       const Pair m = IO::load_acc(mean + c0 + c, count);
       Pair s = IO::load_acc(sum.data() + c, count), t = IO::load_acc(dot.data() + c, count);
       for (int64_t i = rb; i < re; ++i) {
-        const auto [gv, xv] = src.load(i * g.c + c0 + c, c0 + c, count);
+        Pair gv, xv;
+        src.load(i * g.c + c0 + c, c0 + c, count, gv, xv);
         s = {s.first + gv.first, s.second + gv.second};
         t = {at::vec::fmadd(gv.first, xv.first - m.first, t.first),
              at::vec::fmadd(gv.second, xv.second - m.second, t.second)};
@@ -249,8 +250,9 @@ void act_grad_input_tile(scalar_t* dx, scalar_t* dres, const TileGrad<scalar_t, 
                          int64_t r1, int64_t c0, int64_t c1) {
   using IO = VecIO<scalar_t>;
   using Pair = typename IO::Pair;
-  const auto step = [&](int64_t p, int64_t c, auto count) {
-    const auto [g, xv] = src.load(p, c, count);
+  const auto step = [&](int64_t p, int64_t c, auto count) CBN_CPU_ALWAYS_INLINE {
+    Pair g, xv;
+    src.load(p, c, count, g, xv);
     if (dres) IO::store(dres + p, g, count);
     if (!dx) return;
     const Pair ka = IO::load_acc(k.ka + c, count), kc = IO::load_acc(k.kc + c, count);

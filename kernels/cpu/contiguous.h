@@ -85,7 +85,7 @@ void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, a
   using Vec = typename IO::Vec;
   using Pair = typename IO::Pair;
   const Vec vka(ka), vkb(kb), vkc(kc), vshift(shift);
-  const auto step = [&](int64_t i, auto count) {
+  const auto step = [&](int64_t i, auto count) CBN_CPU_ALWAYS_INLINE {
     const Pair x = IO::load(a + i, count);
     Vec t0 = vkc, t1 = vkc;
     if (b) {
@@ -93,9 +93,9 @@ void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, a
       t0 = at::vec::fmadd(y.first - vshift, vkb, vkc);
       t1 = at::vec::fmadd(y.second - vshift, vkb, vkc);
     }
-    IO::store(out + i,
-              act.forward(Pair{at::vec::fmadd(x.first, vka, t0), at::vec::fmadd(x.second, vka, t1)}),
-              count);
+    Pair z{at::vec::fmadd(x.first, vka, t0), at::vec::fmadd(x.second, vka, t1)};
+    act.forward_inplace(z);
+    IO::store(out + i, z, count);
   };
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) step(i, std::true_type{});
@@ -116,19 +116,22 @@ struct RunGrad {
   Vec alpha, beta;
   const Act& act;
 
-  // (dz, x) at offset i
+  // dz and x at offset i (out-parameters: GCC moves a returned pair of pairs of vectors
+  // through the stack, 8 bytes at a time)
   template <typename Count>
-  std::pair<Pair, Pair> load(int64_t i, Count count) const {
-    const Pair g = IO::load(dy + i, count);
-    const Pair xv = IO::load(x + i, count);
-    if constexpr (Act::kIdentity) return {g, xv};
-    Pair t{beta, beta};
-    if (r) {
-      const Pair rv = IO::load(r + i, count);
-      t = {rv.first + beta, rv.second + beta};
+  CBN_CPU_ALWAYS_INLINE void load(int64_t i, Count count, Pair& g, Pair& xv) const {
+    g = IO::load(dy + i, count);
+    xv = IO::load(x + i, count);
+    if constexpr (!Act::kIdentity) {
+      Pair t{beta, beta};
+      if (r) {
+        const Pair rv = IO::load(r + i, count);
+        t = {rv.first + beta, rv.second + beta};
+      }
+      const Pair z{at::vec::fmadd(xv.first, alpha, t.first),
+                   at::vec::fmadd(xv.second, alpha, t.second)};
+      act.grad_inplace(g, z);
     }
-    const Pair z{at::vec::fmadd(xv.first, alpha, t.first), at::vec::fmadd(xv.second, alpha, t.second)};
-    return {act.grad(g, z), xv};
   }
 };
 
@@ -146,8 +149,9 @@ GradSums run_grad_sums(const RunGrad<scalar_t, Act>& src, int64_t n,
     const int64_t end = std::min(n, off + kChunk);
     Vec s0(acc_t(0)), s1(acc_t(0)), d0(acc_t(0)), d1(acc_t(0));
     // Masked lanes load dy = 0, hence dz = 0: they add nothing.
-    const auto step = [&](int64_t i, auto count) {
-      const auto [g, xv] = src.load(i, count);
+    const auto step = [&](int64_t i, auto count) CBN_CPU_ALWAYS_INLINE {
+      typename R::Pair g, xv;
+      src.load(i, count, g, xv);
       s0 += g.first;
       s1 += g.second;
       d0 = at::vec::fmadd(g.first, xv.first - vmean, d0);
@@ -171,8 +175,9 @@ void act_grad_input_run(scalar_t* dx, scalar_t* dres, const RunGrad<scalar_t, Ac
   using Vec = typename R::Vec;
   using Pair = typename R::Pair;
   const Vec k_dy(k.k_dy), k_x(k.k_x), k_c(k.k_c), vmean(k.mean);
-  const auto step = [&](int64_t i, auto count) {
-    const auto [g, xv] = src.load(i, count);
+  const auto step = [&](int64_t i, auto count) CBN_CPU_ALWAYS_INLINE {
+    Pair g, xv;
+    src.load(i, count, g, xv);
     if (dres) IO::store(dres + i, g, count);
     if (dx) {
       const Vec t0 = at::vec::fmadd(xv.first - vmean, k_x, k_c);

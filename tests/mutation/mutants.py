@@ -159,8 +159,8 @@ MUTANTS = [
     Mutant(
         "cpu-cl-tile-channel-offset",
         "kernels/cpu/channels_last.h",
-        "const auto [gv, xv] = src.load(i * g.c + c0 + c, c0 + c, count);",
-        "const auto [gv, xv] = src.load(i * g.c + c, c0 + c, count);",
+        "src.load(i * g.c + c0 + c, c0 + c, count, gv, xv);",
+        "src.load(i * g.c + c, c0 + c, count, gv, xv);",
         "CPU tile_grad_sums: dy read without the channel block's offset c0 (C > 1024)",
         (CPU_PATHS, PARITY),
     ),
