@@ -260,14 +260,14 @@ def test_module_state_dict_and_forward_match_torch_modules():
     torch_bn.load_state_dict(fused.state_dict())  # and back
 
 
-@pytest.mark.parametrize("cls,shape", [
-    (custom_bn.BatchNormAct1d, (8, 5)),
-    (custom_bn.BatchNormAct1d, (8, 5, 3)),
-    (custom_bn.BatchNormAct3d, (2, 5, 2, 3, 2)),
+@pytest.mark.parametrize("cls,torch_cls,shape", [
+    (custom_bn.BatchNormAct1d, torch.nn.BatchNorm1d, (8, 5)),
+    (custom_bn.BatchNormAct1d, torch.nn.BatchNorm1d, (8, 5, 3)),
+    (custom_bn.BatchNormAct3d, torch.nn.BatchNorm3d, (2, 5, 2, 3, 2)),
 ])
-def test_module_ranks(cls, shape):
+def test_module_ranks(cls, torch_cls, shape):
     m = cls(5, activation="silu", momentum=None)
-    ref = {1: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm3d}[len(shape) - 2 if len(shape) > 2 else 1](5, momentum=None)
+    ref = torch_cls(5, momentum=None)
     x, r = torch.randn(shape), torch.randn(shape)
     for _ in range(3):
         assert_close(m(x, r), TF.silu(ref(x) + r), torch.float32, "output")
