@@ -81,7 +81,7 @@ CASES = [
 # The fused epilogue (training forward+backward): BN+ReLU and BN+add+ReLU on these cases.
 FUSED_CASES = [c for c in CASES if "32x64x56x56" in c.name and c.dtype != "float16"]
 EPILOGUES = ("relu", "add_relu")
-FUSED_CONTENDERS = ("fused", "plain", "aten", "compile", "copy")
+FUSED_CONTENDERS = ("fused", "plain", "aten", "compile", "copy", "inplace")
 # Per-call overhead: a tiny input, forward+backward, through the module and through torch.ops.
 OVERHEAD_SHAPE = (8, 16, 4, 4)
 
@@ -236,12 +236,17 @@ def fused_functions(case: Case, epilogue: str, device: str = "cpu") -> Dict[str,
     """Training forward+backward of BN+ReLU (epilogue "relu") or BN+add+ReLU ("add_relu"):
     ``fused`` custom_bn.BatchNormAct2d, ``plain`` custom_bn.BatchNorm2d alone (the fused op's
     target: the epilogue should cost nothing on top), ``aten`` the torch.nn composition,
-    ``compile`` torch.compile of that composition, ``copy`` the memory floor of a forward."""
+    ``compile`` torch.compile of that composition, ``copy`` the memory floor of a forward.
+    ``inplace``: custom_bn.InPlaceBatchNormAct2d (leaky_relu, relu not being invertible; no
+    residual) on a fresh copy of x, since it overwrites its input: the copy's time (``copy``) is
+    subtracted when the table reports it."""
     import custom_bn
 
     ours, reference, to_compile = _modules(case, device)
     fused = custom_bn.BatchNormAct2d(case.shape[1]).to(device)
     fused.load_state_dict(reference.state_dict())
+    inplace = custom_bn.InPlaceBatchNormAct2d(case.shape[1]).to(device)
+    inplace.load_state_dict(reference.state_dict())
     aten = _Composition(reference)
     compiled = torch.compile(_Composition(to_compile), dynamic=False)
     x = _input(case, device).requires_grad_()
@@ -259,6 +264,8 @@ def fused_functions(case: Case, epilogue: str, device: str = "cpu") -> Dict[str,
         "compile": step(lambda: compiled(x, residual), to_compile),
         "copy": lambda: torch.empty_like(x).copy_(x),
     }
+    if residual is None:
+        fns["inplace"] = step(lambda: inplace(x.clone()), inplace, uses_residual=False)
     tol = 1e-4 if case.dtype == "float32" else 5e-2
     for got, expected in zip(fns["fused"](), fns["aten"]()):
         scale = max(1.0, expected.abs().max().item())
@@ -268,6 +275,62 @@ def fused_functions(case: Case, epilogue: str, device: str = "cpu") -> Dict[str,
         assert (~close).sum().item() <= max(1, got.numel() // 100_000), (
             f"fused {case.name} {epilogue}: {(~close).sum().item()} of {got.numel()} values differ")
     return fns
+
+
+# The memory of a training step: 8 blocks conv(64 -> 64, 3x3) -> BN -> activation on a
+# (16, 64, 56, 56) float32 input, each variant in its own process.
+MEMORY_VARIANTS = ("torch.nn BatchNorm2d+ReLU", "custom_bn BatchNormAct2d", "custom_bn InPlaceBatchNormAct2d")
+MEMORY_SHAPE = (16, 64, 56, 56)
+MEMORY_BLOCKS = 8
+
+
+def memory_child(variant: str) -> dict:
+    """Bytes of the distinct storages saved for backward (saved_tensors_hooks, each storage
+    counted once) and the process's peak resident memory during one training step, above what it
+    held before the step."""
+    import resource
+
+    import custom_bn
+
+    torch.manual_seed(0)
+    channels = MEMORY_SHAPE[1]
+    layers = []
+    for _ in range(MEMORY_BLOCKS):
+        layers.append(torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False))
+        if variant == MEMORY_VARIANTS[0]:
+            layers += [torch.nn.BatchNorm2d(channels), torch.nn.ReLU()]
+        elif variant == MEMORY_VARIANTS[1]:
+            layers.append(custom_bn.BatchNormAct2d(channels))
+        else:
+            layers.append(custom_bn.InPlaceBatchNormAct2d(channels))
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(MEMORY_SHAPE)
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * page
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "saved_bytes": sum(storages.values()), "peak_step_bytes": peak - before}
+
+
+def memory_table(rows: List[dict]) -> str:
+    base = rows[0]
+    lines = [f"memory of a training step, {MEMORY_BLOCKS} x (conv -> BN -> activation) on "
+             f"{'x'.join(map(str, MEMORY_SHAPE))} float32 (saved: distinct storages kept for "
+             "backward; peak: resident memory above the step's start):"]
+    for r in rows:
+        lines.append(
+            f"  {r['variant']:<34} saved {r['saved_bytes'] / 2**20:8.1f} MiB "
+            f"({r['saved_bytes'] / base['saved_bytes'] - 1:+.1%})   peak {r['peak_step_bytes'] / 2**20:8.1f} MiB "
+            f"({r['peak_step_bytes'] / base['peak_step_bytes'] - 1:+.1%})")
+    return "\n".join(lines)
 
 
 def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float, cuda: bool) -> dict:
@@ -325,19 +388,23 @@ def table_rows(results: List[dict]) -> List[List[str]]:
 
 
 FUSED_COLUMNS = ["case", "epilogue", "thr", "fused ms", "plain ms", "ATen ms", "compile ms",
-                 "copy ms", "fused/plain", "vs ATen", "vs compile"]
+                 "copy ms", "inplace ms", "fused/plain", "vs ATen", "vs compile", "inplace/fused"]
 
 
 def fused_table_rows(results: List[dict]) -> List[List[str]]:
     rows = []
     for res in results:
         for row in res.get("fused_rows", []):
-            t = row["seconds"]
+            t = dict(row["seconds"])
+            if "inplace" in t:
+                t["inplace"] -= t["copy"]  # its step copies x first (see fused_functions)
             fused = t["fused"]
+            ms = lambda c: f"{t[c] * 1e3:.3f}" if c in t else "-"
             rows.append([row["name"], row["epilogue"], str(row["threads"])]
-                        + [f"{t[c] * 1e3:.3f}" for c in FUSED_CONTENDERS]
+                        + [ms(c) for c in FUSED_CONTENDERS]
                         + [f"{fused / t['plain']:.2f}", f"{t['aten'] / fused:.2f}x",
-                           f"{t['compile'] / fused:.2f}x"])
+                           f"{t['compile'] / fused:.2f}x",
+                           f"{t['inplace'] / fused:.2f}" if "inplace" in t else "-"])
     return rows
 
 
@@ -416,7 +483,11 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default malloc settings in the timed processes")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child)))
+        return
     cases = [c for c in CASES if not args.cases or any(s in c.name for s in args.cases)]
     rounds, min_sample_s = (3, 0.002) if args.quick else (9, 0.01)
 
@@ -426,6 +497,9 @@ def main() -> None:
         print(json.dumps(run_child(args.child, cases, rounds, min_sample_s, cuda)))
         return
 
+    env = dict(os.environ)
+    if not args.system_malloc:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), STEADY_MALLOC]))
     results = []
     for threads in args.threads:
         cmd = [sys.executable, __file__, "--child", str(threads), "--threads", *map(str, args.threads)]
@@ -433,13 +507,16 @@ def main() -> None:
             cmd += ["--cases", *args.cases]
         if args.quick:
             cmd.append("--quick")
-        env = dict(os.environ)
-        if not args.system_malloc:
-            env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), STEADY_MALLOC]))
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=env)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    table = format_table(results)
+    memory = []
+    for variant in MEMORY_VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", variant],
+                             stdout=subprocess.PIPE, text=True, check=True, env=env)
+        memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    table = format_table(results) + "\n\n" + memory_table(memory)
     info = results[0]["build_info"]
     malloc = "default malloc" if args.system_malloc else "steady malloc"
     header = (f"custom_bn {info['version']}, torch {info['torch']}, CPU path {info['cpu_capability']}, "
@@ -451,11 +528,11 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = os.path.join(RESULTS, f"bench-{stamp}.json")
     with open(json_path, "w") as f:
-        json.dump({"header": header, "results": results}, f, indent=1)
+        json.dump({"header": header, "results": results, "memory": memory}, f, indent=1)
     png_path = plot(results, os.path.join(RESULTS, f"bench-{stamp}.png"))
     md_path = os.path.join(RESULTS, f"bench-{stamp}.md")
     with open(md_path, "w") as f:
-        f.write(f"{header}\n\n{markdown_table(results)}")
+        f.write(f"{header}\n\n{markdown_table(results)}\n```\n{memory_table(memory)}\n```\n")
     print(f"\nJSON: {json_path}")
     print(f"Markdown: {md_path}")
     if png_path:

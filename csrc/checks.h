@@ -227,4 +227,29 @@ inline void check_residual(const char* op, const at::Tensor& input,
               input.device(), "), got ", residual->device());
 }
 
+// The in-place mode inverts the activation: only the strictly increasing ones (ValueError
+// otherwise).
+inline Activation parse_inplace_activation(const char* op, c10::string_view name, double param) {
+  const Activation act = parse_activation(op, name);
+  const bool invertible = act == Activation::kIdentity ||
+                          ((act == Activation::kLeakyRelu || act == Activation::kElu) && param > 0);
+  TORCH_CHECK_VALUE(invertible, op,
+                    ": the in-place mode recovers its input from the output, so the activation "
+                    "must be invertible: 'identity', 'leaky_relu' with a positive slope or 'elu' "
+                    "with a positive alpha, got '", std::string(name), "' with activation_param ",
+                    param, " (use BatchNormAct for the others)");
+  return act;
+}
+
+// The in-place backward recovers x_hat = (z - bias) / weight: a zero weight entry makes that
+// impossible (ValueError). Negative weights are fine. (One reduction; on a GPU it synchronizes.)
+inline void check_inplace_weight(const char* op, const c10::optional<at::Tensor>& weight) {
+  if (!given(weight) || weight->numel() == 0) return;
+  const int64_t zeros = weight->eq(0).sum().item<int64_t>();
+  TORCH_CHECK_VALUE(zeros == 0, op,
+                    ": the in-place mode recovers the normalized input as (z - bias) / weight, "
+                    "so weight must have no zero entries, got ", zeros, " of ", weight->numel(),
+                    " (use BatchNormAct, which keeps its input)");
+}
+
 }  // namespace custom_bn

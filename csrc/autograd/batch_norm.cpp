@@ -323,9 +323,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
                                  output_mask);
 }
 
+// The in-place mode: the forward overwrites input with its output and saves only that output
+// (plus weight, bias and the statistics); the backward inverts the activation and the affine
+// map. The statistics leave through stats_out, not as outputs: a Function that modifies a view
+// in place may return only that view (autograd's rule for rebasing a view's history).
+class BatchNormActInplaceFunction
+    : public torch::autograd::Function<BatchNormActInplaceFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var, bool training,
+                               double momentum, double eps, c10::string_view activation,
+                               double activation_param,
+                               std::tuple<at::Tensor, at::Tensor>* stats_out) {
+    at::Tensor output = input;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      *stats_out = batch_norm_act_inplace_forward(output, weight, bias, running_mean,
+                                                  running_var, training, momentum, eps,
+                                                  activation, activation_param);
+    }
+    torch::autograd::impl::bump_version(output);
+    bump_running_stat_versions(running_mean, running_var, training);
+    ctx->mark_dirty({output});
+    const auto& [save_mean, save_invstd] = *stats_out;
+    ctx->save_for_backward({output, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                            save_mean, save_invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["activation_param"] = activation_param;
+    return {output};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_weight = saved[1].defined(), has_bias = saved[2].defined();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0),
+                                      has_weight && ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(1 + has_weight)};
+    variable_list result(11);
+    if (!grads[0].defined()) return result;
+    auto [grad_input, grad_weight, grad_bias] = batch_norm_act_inplace_backward(
+        grads[0], saved[0], optional_of(saved[1]), optional_of(saved[2]), saved[3], saved[4],
+        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
+        ctx->saved_data["activation"].toStringRef(),
+        ctx->saved_data["activation_param"].toDouble(), mask);
+    result[0] = undefined_if_empty_mask(grad_input, mask[0]);
+    result[1] = undefined_if_empty_mask(grad_weight, mask[1]);
+    result[2] = undefined_if_empty_mask(grad_bias, mask[2]);
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward_autograd(
+    at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double activation_param) {
+  const c10::optional<at::Tensor> x = input;
+  check_no_tangent("custom_bn.batch_norm_act_inplace_forward", {&x, &weight, &bias});
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    // Said now, before the input is gone, rather than by the backward.
+    check_inplace_weight("custom_bn.batch_norm", weight);
+    std::tuple<at::Tensor, at::Tensor> stats;
+    BatchNormActInplaceFunction::apply(input, weight, bias, running_mean, running_var, training,
+                                       momentum, eps, activation, activation_param, &stats);
+    return stats;
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto stats = batch_norm_act_inplace_forward(input, weight, bias, running_mean, running_var,
+                                              training, momentum, eps, activation,
+                                              activation_param);
+  torch::autograd::impl::bump_version(input);
+  bump_running_stat_versions(running_mean, running_var, training);
+  return stats;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& output,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
+    c10::string_view activation, double activation_param, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(!(differentiated(grad_output) || differentiated(output) || differentiated(weight) ||
+                differentiated(bias)),
+              "custom_bn.batch_norm_act_inplace_backward: the in-place mode has no double "
+              "backward (its input, which second derivatives depend on, was overwritten); use "
+              "BatchNormAct / custom_bn.functional.batch_norm(..., activation=...) for "
+              "create_graph=True or torch.func transforms");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return batch_norm_act_inplace_backward(grad_output, output, weight, bias, save_mean,
+                                         save_invstd, training, eps, activation,
+                                         activation_param, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) {
+  m.impl("batch_norm_act_inplace_forward", &batch_norm_act_inplace_forward_autograd);
+  m.impl("batch_norm_act_inplace_backward", &batch_norm_act_inplace_backward_autograd);
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_autograd);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_autograd);
   m.impl("batch_norm_forward", &batch_norm_forward_autograd);

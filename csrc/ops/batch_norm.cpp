@@ -26,6 +26,16 @@ TORCH_LIBRARY_FRAGMENT(custom_bn, m) {
       "Tensor? residual, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
       "str activation, float activation_param, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The in-place mode: input is overwritten with act(BN(input)), and the backward works from
+  // that output alone.
+  m.def(
+      "batch_norm_act_inplace_forward(Tensor(a!) input, Tensor? weight, Tensor? bias, "
+      "Tensor(b!)? running_mean, Tensor(c!)? running_var, bool training, float momentum, "
+      "float eps, str activation, float activation_param) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_inplace_backward(Tensor grad_output, Tensor output, Tensor? weight, "
+      "Tensor? bias, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
+      "str activation, float activation_param, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
@@ -72,6 +82,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
                        .typed<decltype(batch_norm_act_backward)>();
   return op.call(grad_output, input, weight, bias, residual, save_mean, save_invstd, training,
                  eps, activation, activation_param, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward(
+    at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double activation_param) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("custom_bn::batch_norm_act_inplace_forward", "")
+                       .typed<decltype(batch_norm_act_inplace_forward)>();
+  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                 activation, activation_param);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward(
+    const at::Tensor& grad_output, const at::Tensor& output,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
+    c10::string_view activation, double activation_param, std::array<bool, 3> output_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("custom_bn::batch_norm_act_inplace_backward", "")
+                       .typed<decltype(batch_norm_act_inplace_backward)>();
+  return op.call(grad_output, output, weight, bias, save_mean, save_invstd, training, eps,
+                 activation, activation_param, output_mask);
 }
 
 double resolve_activation_param(c10::string_view activation, c10::optional<double> param) {
@@ -145,6 +179,20 @@ at::Tensor batch_norm_act(const at::Tensor& input, const c10::optional<at::Tenso
       input, as_channel_vector(weight, channels), as_channel_vector(bias, channels), running_mean,
       running_var, residual, training, momentum, eps, activation,
       param));
+}
+
+at::Tensor& batch_norm_act_(at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, bool training,
+                            double momentum, double eps, c10::string_view activation,
+                            c10::optional<double> activation_param) {
+  const int64_t channels = input.dim() >= 2 ? input.size(1) : -1;
+  batch_norm_act_inplace_forward(input, as_channel_vector(weight, channels),
+                                 as_channel_vector(bias, channels), running_mean, running_var,
+                                 training, momentum, eps, activation,
+                                 resolve_activation_param(activation, activation_param));
+  return input;
 }
 
 }  // namespace custom_bn

@@ -60,6 +60,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
     const at::Tensor& save_invstd, bool training, double eps, c10::string_view activation,
     double activation_param, std::array<bool, 4> output_mask);
 
+// The in-place mode, custom_bn::batch_norm_act_inplace_forward: overwrites input with
+// act(BN(input)) and returns (save_mean, save_invstd), otherwise as batch_norm_act_forward
+// without residual. Only invertible activations: "identity", "leaky_relu" with a positive slope,
+// "elu" with a positive alpha (c10::ValueError otherwise). Differentiable: the backward reads
+// only the output (and weight, bias, save_*), so weight must have no zero entries when a graph
+// is recorded (c10::ValueError).
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward(
+    at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double activation_param);
+
+// custom_bn::batch_norm_act_inplace_backward: (grad_input, grad_weight, grad_bias) of
+// batch_norm_act_inplace_forward from its output, which it inverts: z = act^-1(output),
+// x_hat = (z - bias) / weight. Masked-out gradients are empty tensors. Not differentiable
+// (the in-place forward overwrote the input that a double backward would need).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward(
+    const at::Tensor& grad_output, const at::Tensor& output,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
+    c10::string_view activation, double activation_param, std::array<bool, 3> output_mask);
+
 // activation_param as given, or the activation's default (leaky_relu 0.01, elu 1.0); a value
 // for an activation that takes none is a ValueError (c10::ValueError).
 double resolve_activation_param(c10::string_view activation, c10::optional<double> param);
@@ -75,5 +97,17 @@ at::Tensor batch_norm_act(const at::Tensor& input, const c10::optional<at::Tenso
                           c10::string_view activation = "relu",
                           c10::optional<double> activation_param = c10::nullopt,
                           const c10::optional<at::Tensor>& residual = c10::nullopt);
+
+// act(batch_norm(input, ...)) written into input, which is returned (the in-place module's
+// function). Differentiable (once): autograd records the overwrite, so a caller that saved the
+// old input for another backward gets autograd's "modified by an inplace operation" error.
+// Default activation leaky_relu (relu is not invertible).
+at::Tensor& batch_norm_act_(at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, bool training,
+                            double momentum = 0.1, double eps = 1e-5,
+                            c10::string_view activation = "leaky_relu",
+                            c10::optional<double> activation_param = c10::nullopt);
 
 }  // namespace custom_bn

@@ -74,13 +74,26 @@ CBN_HOST_DEVICE CBN_INLINE acc_t activation_grad_from_output(Activation kind, ac
   }
 }
 
+// Where elu saturates (y within rounding of -alpha, z below about -17 in float32), z cannot be
+// recovered: log1p(-1) would be -inf, and dy * (y + alpha) = 0 times -inf a NaN. The argument is
+// kept above -1 so that z stays finite (its own derivative there is 0 anyway).
+template <typename acc_t>
+CBN_HOST_DEVICE CBN_INLINE acc_t elu_inverse_floor() {
+  return acc_t(-1) + acc_t(sizeof(acc_t) == 4 ? 1.1920928955078125e-07 : 2.220446049250313e-16);
+}
+
+template <typename acc_t>
+CBN_HOST_DEVICE CBN_INLINE acc_t elu_inverse_arg(acc_t u) {
+  return u < elu_inverse_floor<acc_t>() ? elu_inverse_floor<acc_t>() : u;  // NaN stays NaN
+}
+
 template <typename acc_t>
 CBN_HOST_DEVICE CBN_INLINE acc_t activation_inverse(Activation kind, acc_t param, acc_t y) {
   switch (kind) {
     case Activation::kLeakyRelu:
       return y > acc_t(0) ? y : y / param;
     case Activation::kElu:
-      return y <= acc_t(0) ? ::log1p(y / param) : y;
+      return y <= acc_t(0) ? ::log1p(elu_inverse_arg(y / param)) : y;
     default:
       return y;
   }

@@ -20,6 +20,15 @@ CBN_HOST_DEVICE CBN_INLINE AffineCoeffs<acc_t> fold_affine(acc_t mean, acc_t inv
   return {alpha, b - mean * alpha};
 }
 
+// The in-place backward recovers the centred input from the pre-activation z = x_hat * w + b:
+// x - mean = (z - b) / (w * invstd) = z * alpha + beta. (w = 0 is rejected before.)
+template <typename acc_t>
+CBN_HOST_DEVICE CBN_INLINE AffineCoeffs<acc_t> fold_inverse_affine(acc_t invstd, acc_t w,
+                                                                   acc_t b) {
+  const acc_t alpha = acc_t(1) / (w * invstd);
+  return {alpha, -b * alpha};
+}
+
 // The running-stat update of torch.nn: r = (1 - m) r + m batch, variance unbiased (n / (n - 1)).
 // Training with n == 1 is rejected by the argument checks; the guard only avoids dividing by
 // zero.

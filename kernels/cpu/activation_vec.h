@@ -17,6 +17,7 @@ struct VecActivation {
   using Vec = at::vec::Vectorized<acc_t>;
   using Pair = std::pair<Vec, Vec>;
   static constexpr bool kIdentity = kKind == Activation::kIdentity;
+  static constexpr bool kFromOutput = false;
 
   acc_t param = acc_t(0);
 
@@ -68,6 +69,64 @@ struct VecActivation {
     }
   }
 };
+
+// The in-place backward's view of an (invertible) activation: it reads the output y where the
+// other backward reads x, and gives dz = dy * act'(z) from y and z = act^-1(y)
+// (kernels/common/activation.h). Never an identity to the kernels: even act = identity needs
+// the affine map back to x.
+template <Activation kKind, typename acc_t>
+struct VecInverseActivation {
+  using Vec = at::vec::Vectorized<acc_t>;
+  using Pair = std::pair<Vec, Vec>;
+  static constexpr bool kIdentity = false;
+  static constexpr bool kFromOutput = true;
+
+  acc_t param = acc_t(0);
+
+  Vec grad_from_output(const Vec& dy, const Vec& y) const {
+    const Vec zero(acc_t(0));
+    if constexpr (kKind == Activation::kLeakyRelu) {
+      return Vec::blendv(dy * Vec(param), dy, y > zero);
+    } else if constexpr (kKind == Activation::kElu) {
+      return Vec::blendv(dy, dy * (y + Vec(param)), y <= zero);
+    } else {
+      return dy;
+    }
+  }
+
+  Vec inverse(const Vec& y) const {
+    const Vec zero(acc_t(0));
+    if constexpr (kKind == Activation::kLeakyRelu) {
+      return Vec::blendv(y / Vec(param), y, y > zero);
+    } else if constexpr (kKind == Activation::kElu) {
+      const Vec u = at::vec::maximum(y / Vec(param), Vec(elu_inverse_floor<acc_t>()));
+      return Vec::blendv(y, u.log1p(), y <= zero);
+    } else {
+      return y;
+    }
+  }
+
+  // dy becomes dz and y becomes z.
+  void invert_inplace(Pair& dy, Pair& y) const {
+    dy.first = grad_from_output(dy.first, y.first);
+    dy.second = grad_from_output(dy.second, y.second);
+    y.first = inverse(y.first);
+    y.second = inverse(y.second);
+  }
+};
+
+template <typename acc_t, typename F>
+void with_inverse_activation(Activation kind, double param, const F& f) {
+  const acc_t p = acc_t(param);
+  switch (kind) {
+    case Activation::kLeakyRelu:
+      return f(VecInverseActivation<Activation::kLeakyRelu, acc_t>{p});
+    case Activation::kElu:
+      return f(VecInverseActivation<Activation::kElu, acc_t>{p});
+    default:
+      return f(VecInverseActivation<Activation::kIdentity, acc_t>{p});
+  }
+}
 
 // Calls f(VecActivation<kind, acc_t>{param}) with the activation as a compile-time type.
 template <typename acc_t, typename F>

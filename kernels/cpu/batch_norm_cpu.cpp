@@ -1,4 +1,4 @@
-// The CPU kernels of custom_bn::batch_norm_forward and custom_bn::batch_norm_backward: argument
+// The CPU kernels of the batch-norm operators (plain, fused and in-place forward and backward): argument
 // checks, outputs, per-channel parameters in the accumulation type and the running-stat update.
 // The arithmetic runs in the copy of batch_norm_kernel.cpp chosen for this CPU
 // (cpu_capability.cpp).
@@ -48,22 +48,16 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
       });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
-    const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
+// The forward of input (contiguous in its memory format) into output (input's layout; may be
+// input itself: every pass reads an element before writing it, and the statistics are complete
+// before the first output is written). Returns (save_mean, save_invstd). Arguments checked.
+std::tuple<at::Tensor, at::Tensor> forward_into(
+    const at::Tensor& input, at::Tensor& output, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual_arg,
-    bool training, double momentum, double eps, c10::string_view activation,
-    double activation_param) {
-  check_batch_norm_forward_args(input_arg, weight, bias, running_mean, running_var, training,
-                                momentum, eps);
-  check_residual("custom_bn.batch_norm", input_arg, residual_arg);
-  const Activation act = parse_activation("custom_bn.batch_norm", activation);
-  const auto fmt = batch_norm_memory_format(input_arg);
-  const at::Tensor input = input_arg.contiguous(fmt);
-  const at::Tensor residual = given(residual_arg) ? residual_arg->contiguous(fmt) : at::Tensor();
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& residual, bool training,
+    double momentum, double eps, Activation act, double activation_param) {
   const auto acc = accumulate_dtype(input.scalar_type());
-  const Geometry g = geometry_of(input, fmt);
-  at::Tensor output = at::empty_like(input, input.options(), fmt);
+  const Geometry g = geometry_of(input, batch_norm_memory_format(input));
   at::Tensor save_mean = at::empty({g.c}, input.options().dtype(acc));
   at::Tensor save_invstd = at::empty({g.c}, input.options().dtype(acc));
 
@@ -72,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
     // depend on the batch: the kernel reports them and normalizes nothing.)
     save_mean.zero_();
     save_invstd.zero_();
-    return {output, save_mean, save_invstd};
+    return {save_mean, save_invstd};
   }
   const at::Tensor w = channel_values(weight, acc);
   const at::Tensor b = channel_values(bias, acc);
@@ -91,7 +85,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
                                      double(g.count()), momentum);
     });
   }
+  return {save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
+    const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual_arg,
+    bool training, double momentum, double eps, c10::string_view activation,
+    double activation_param) {
+  check_batch_norm_forward_args(input_arg, weight, bias, running_mean, running_var, training,
+                                momentum, eps);
+  check_residual("custom_bn.batch_norm", input_arg, residual_arg);
+  const Activation act = parse_activation("custom_bn.batch_norm", activation);
+  const auto fmt = batch_norm_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous(fmt);
+  const at::Tensor residual = given(residual_arg) ? residual_arg->contiguous(fmt) : at::Tensor();
+  at::Tensor output = at::empty_like(input, input.options(), fmt);
+  auto [save_mean, save_invstd] = forward_into(input, output, weight, bias, running_mean,
+                                               running_var, residual, training, momentum, eps,
+                                               act, activation_param);
   return {output, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward_cpu(
+    at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double activation_param) {
+  check_batch_norm_forward_args(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps);
+  const Activation act =
+      parse_inplace_activation("custom_bn.batch_norm", activation, activation_param);
+  // A tensor that is not dense in its memory format is computed in a dense copy, copied back.
+  at::Tensor dense = input.contiguous(batch_norm_memory_format(input));
+  auto stats = forward_into(dense, dense, weight, bias, running_mean, running_var, at::Tensor(),
+                            training, momentum, eps, act, activation_param);
+  if (!dense.is_same(input)) input.copy_(dense);
+  return stats;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
@@ -102,60 +133,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
                                     training, momentum, eps, "identity", 0.0);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
-    const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
+// The backward kernels on checked arguments; x is the input, or in the in-place mode the
+// output (from_output).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_checked(
+    const at::Tensor& grad_output_arg, const at::Tensor& x_arg,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& residual_arg, const at::Tensor& save_mean_arg,
-    const at::Tensor& save_invstd_arg, bool training, double /*eps*/,
-    c10::string_view activation, double activation_param, std::array<bool, 4> output_mask) {
-  constexpr const char* op = "custom_bn.batch_norm_backward";
-  check_batch_norm_backward_args(grad_output_arg, input_arg, weight, save_mean_arg,
-                                 save_invstd_arg);
-  check_channel_counts(op, input_arg, {{&bias, "bias"}});
-  check_channel_tensors(op, input_arg, {{&weight, "weight"}, {&bias, "bias"}});
-  check_residual(op, input_arg, residual_arg);
-  const Activation act = parse_activation(op, activation);
-  const auto fmt = batch_norm_memory_format(input_arg);
+    const at::Tensor& save_invstd_arg, bool training, Activation act, double activation_param,
+    std::array<bool, 4> output_mask, bool from_output) {
+  const auto fmt = batch_norm_memory_format(x_arg);
   // The residual enters only through z (act'(z)); the identity never reads it.
   const at::Tensor residual = given(residual_arg) && act != Activation::kIdentity
                                   ? residual_arg->contiguous(fmt)
                                   : at::Tensor();
-  const at::Tensor input = input_arg.contiguous(fmt);
+  const at::Tensor x = x_arg.contiguous(fmt);
   const at::Tensor grad_output = grad_output_arg.contiguous(fmt);
   const at::Tensor save_mean = save_mean_arg.contiguous();
   const at::Tensor save_invstd = save_invstd_arg.contiguous();
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const auto param_dtype = channel_gradient_dtype(input, weight);
-  const Geometry g = geometry_of(input, fmt);
+  const auto acc = accumulate_dtype(x.scalar_type());
+  const auto param_dtype = channel_gradient_dtype(x, weight);
+  const Geometry g = geometry_of(x, fmt);
 
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, input.options(), fmt)
-                                          : unrequested_gradient(input);
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(x, x.options(), fmt)
+                                          : unrequested_gradient(x);
   // Computed in the accumulation dtype; zero for an empty batch.
   const auto channel_grad = [&](bool wanted) {
     if (!wanted) return at::Tensor();
-    return input.numel() == 0 ? at::zeros({g.c}, input.options().dtype(acc))
-                              : at::empty({g.c}, input.options().dtype(acc));
+    return x.numel() == 0 ? at::zeros({g.c}, x.options().dtype(acc))
+                          : at::empty({g.c}, x.options().dtype(acc));
   };
   at::Tensor grad_weight = channel_grad(output_mask[1]);
   at::Tensor grad_bias = channel_grad(output_mask[2]);
-  at::Tensor grad_residual = output_mask[3] ? at::empty_like(input, input.options(), fmt)
-                                            : unrequested_gradient(input);
-  if (input.numel() > 0) {
+  at::Tensor grad_residual = output_mask[3] ? at::empty_like(x, x.options(), fmt)
+                                            : unrequested_gradient(x);
+  if (x.numel() > 0) {
     const at::Tensor w = channel_values(weight, acc);
     const at::Tensor b = channel_values(bias, acc);
     cpu::selected_kernels().backward(
-        {input.scalar_type(), g, grad_output.const_data_ptr(), input.const_data_ptr(),
+        {x.scalar_type(), g, grad_output.const_data_ptr(), x.const_data_ptr(),
          output_mask[0] ? grad_input.data_ptr() : nullptr, data_or_null(w),
          save_mean.const_data_ptr(), save_invstd.const_data_ptr(),
          output_mask[1] ? grad_weight.data_ptr() : nullptr,
          output_mask[2] ? grad_bias.data_ptr() : nullptr, training, data_or_null(b),
          data_or_null(residual), output_mask[3] ? grad_residual.data_ptr() : nullptr, act,
-         activation_param});
+         activation_param, from_output});
   }
   const auto finish = [&](const at::Tensor& t) {
-    return t.defined() ? t.to(param_dtype) : unrequested_gradient(input);
+    return t.defined() ? t.to(param_dtype) : unrequested_gradient(x);
   };
   return {grad_input, finish(grad_weight), finish(grad_bias), grad_residual};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double /*eps*/,
+    c10::string_view activation, double activation_param, std::array<bool, 4> output_mask) {
+  constexpr const char* op = "custom_bn.batch_norm_backward";
+  check_batch_norm_backward_args(grad_output, input, weight, save_mean, save_invstd);
+  check_channel_counts(op, input, {{&bias, "bias"}});
+  check_channel_tensors(op, input, {{&weight, "weight"}, {&bias, "bias"}});
+  check_residual(op, input, residual);
+  return backward_checked(grad_output, input, weight, bias, residual, save_mean, save_invstd,
+                          training, parse_activation(op, activation), activation_param,
+                          output_mask, /*from_output=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& output,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double /*eps*/,
+    c10::string_view activation, double activation_param, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "custom_bn.batch_norm_backward";
+  check_batch_norm_backward_args(grad_output, output, weight, save_mean, save_invstd);
+  check_channel_counts(op, output, {{&bias, "bias"}});
+  check_channel_tensors(op, output, {{&weight, "weight"}, {&bias, "bias"}});
+  const Activation act = parse_inplace_activation(op, activation, activation_param);
+  check_inplace_weight(op, weight);
+  auto [grad_input, grad_weight, grad_bias, unused] = backward_checked(
+      grad_output, output, weight, bias, c10::nullopt, save_mean, save_invstd, training, act,
+      activation_param, {output_mask[0], output_mask[1], output_mask[2], false},
+      /*from_output=*/true);
+  return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
@@ -175,6 +235,8 @@ TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+  m.impl("batch_norm_act_inplace_forward", &batch_norm_act_inplace_forward_cpu);
+  m.impl("batch_norm_act_inplace_backward", &batch_norm_act_inplace_backward_cpu);
 }
 
 }  // namespace custom_bn

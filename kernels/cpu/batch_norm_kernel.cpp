@@ -195,7 +195,8 @@ BackwardCoeffs<acc_t> fold_backward_coeffs(const BackwardArgs& a, const ChannelS
 }
 
 // What the backward passes read: dy (through the activation, recomputing z from x, residual
-// and the forward's coefficients alpha/beta) and x.
+// and the forward's coefficients alpha/beta) and x. In the in-place mode (Act::kFromOutput) x
+// is the output, and what the passes see as x is x - mean (the caller passes a zero mean).
 template <typename scalar_t, typename Act>
 struct GradSource {
   using acc_t = at::opmath_type<scalar_t>;
@@ -216,10 +217,13 @@ struct GradSource {
     alpha.resize(a.g.c);
     beta.resize(a.g.c);
     for (int64_t c = 0; c < a.g.c; ++c) {
-      // The forward's fold_forward_coeffs, from the same values: the same z, bit for bit.
-      const auto k = fold_affine(static_cast<const acc_t*>(a.mean)[c],
-                                 static_cast<const acc_t*>(a.invstd)[c], w ? w[c] : acc_t(1),
-                                 b ? b[c] : acc_t(0));
+      const acc_t invstd = static_cast<const acc_t*>(a.invstd)[c];
+      const acc_t wc = w ? w[c] : acc_t(1), bc = b ? b[c] : acc_t(0);
+      // The forward's fold_forward_coeffs, from the same values: the same z, bit for bit. In
+      // the in-place mode the inverse map, from z to x - mean.
+      const auto k = Act::kFromOutput
+                         ? fold_inverse_affine(invstd, wc, bc)
+                         : fold_affine(static_cast<const acc_t*>(a.mean)[c], invstd, wc, bc);
       alpha[c] = k.alpha;
       beta[c] = k.beta;
     }
@@ -365,8 +369,16 @@ void forward(const ForwardArgs& a) {
 
 void backward(const BackwardArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_backward_cpu", [&] {
-    with_activation<at::opmath_type<scalar_t>>(
-        a.activation, a.activation_param, [&](const auto& act) { backward_typed<scalar_t>(a, act); });
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto run = [&](const auto& act) { backward_typed<scalar_t>(a, act); };
+    if (!a.from_output) return with_activation<acc_t>(a.activation, a.activation_param, run);
+    // The passes see x - mean: a zero mean keeps every formula of the ordinary backward.
+    const std::vector<acc_t> zero_mean(a.g.c, acc_t(0));
+    BackwardArgs centred = a;
+    centred.mean = zero_mean.data();
+    with_inverse_activation<acc_t>(a.activation, a.activation_param, [&](const auto& act) {
+      backward_typed<scalar_t>(centred, act);
+    });
   });
 }
 

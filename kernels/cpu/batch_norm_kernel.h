@@ -57,6 +57,9 @@ struct BackwardArgs {
   void* dres;
   Activation activation;
   double activation_param;
+  // The in-place mode: x holds the forward's output y, from which dy' and x are recovered by
+  // inverting the activation and the affine map (no residual, dres nullptr).
+  bool from_output = false;
 };
 
 struct Kernels {

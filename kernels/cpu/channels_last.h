@@ -101,7 +101,12 @@ struct TileGrad {
   CBN_CPU_ALWAYS_INLINE void load(int64_t p, int64_t c, Count count, Pair& g, Pair& xv) const {
     g = IO::load(dy + p, count);
     xv = IO::load(x + p, count);
-    if constexpr (!Act::kIdentity) {
+    if constexpr (Act::kFromOutput) {  // as RunGrad::load
+      act.invert_inplace(g, xv);
+      const Pair al = IO::load_acc(alpha + c, count), be = IO::load_acc(beta + c, count);
+      xv = {at::vec::fmadd(xv.first, al.first, be.first),
+            at::vec::fmadd(xv.second, al.second, be.second)};
+    } else if constexpr (!Act::kIdentity) {
       const Pair al = IO::load_acc(alpha + c, count);
       Pair t = IO::load_acc(beta + c, count);
       if (r) {

@@ -103,7 +103,8 @@ void affine_run(scalar_t* out, const scalar_t* a, const scalar_t* b, acc_t ka, a
 }
 
 // The fused backward of one channel's values: z = x * alpha + (r + beta) is recomputed as the
-// forward computed it and dz = dy * act'(z) (r: the residual, or nullptr).
+// forward computed it and dz = dy * act'(z) (r: the residual, or nullptr). In the in-place
+// mode (Act::kFromOutput) x is the output and alpha/beta map act^-1(y) back to x - mean.
 template <typename scalar_t, typename Act>
 struct RunGrad {
   using IO = VecIO<scalar_t>;
@@ -122,7 +123,11 @@ struct RunGrad {
   CBN_CPU_ALWAYS_INLINE void load(int64_t i, Count count, Pair& g, Pair& xv) const {
     g = IO::load(dy + i, count);
     xv = IO::load(x + i, count);
-    if constexpr (!Act::kIdentity) {
+    if constexpr (Act::kFromOutput) {
+      // x holds the output y: dz from y, then x - mean = act^-1(y) * alpha + beta.
+      act.invert_inplace(g, xv);
+      xv = {at::vec::fmadd(xv.first, alpha, beta), at::vec::fmadd(xv.second, alpha, beta)};
+    } else if constexpr (!Act::kIdentity) {
       Pair t{beta, beta};
       if (r) {
         const Pair rv = IO::load(r + i, count);

@@ -17,6 +17,9 @@ from .modules import (
     BatchNormAct1d,
     BatchNormAct2d,
     BatchNormAct3d,
+    InPlaceBatchNormAct1d,
+    InPlaceBatchNormAct2d,
+    InPlaceBatchNormAct3d,
 )
 from . import _interop  # noqa: F401  (torch.ao fusers, convert_sync_batchnorm warning)
 
@@ -31,5 +34,8 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "InPlaceBatchNormAct1d",
+    "InPlaceBatchNormAct2d",
+    "InPlaceBatchNormAct3d",
     "__version__",
 ]

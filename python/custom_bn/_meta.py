@@ -26,6 +26,8 @@ _FORWARD = "custom_bn::batch_norm_forward"
 _BACKWARD = "custom_bn::batch_norm_backward"
 _ACT_FORWARD = "custom_bn::batch_norm_act_forward"
 _ACT_BACKWARD = "custom_bn::batch_norm_act_backward"
+_INPLACE_FORWARD = "custom_bn::batch_norm_act_inplace_forward"
+_INPLACE_BACKWARD = "custom_bn::batch_norm_act_inplace_backward"
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu")
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _REDUCED_DTYPES = (torch.float16, torch.bfloat16)
@@ -116,6 +118,19 @@ def check_activation(op: str, activation: str) -> None:
     )
 
 
+def check_inplace_activation(op: str, activation: str, activation_param: float) -> None:
+    """The in-place mode inverts the activation: identity, leaky_relu with a positive slope or
+    elu with a positive alpha (ValueError otherwise), as csrc/checks.h."""
+    check_activation(op, activation)
+    torch._check_value(
+        activation == "identity" or (activation in ("leaky_relu", "elu") and activation_param > 0),
+        lambda: f"{op}: the in-place mode recovers its input from the output, so the activation "
+        "must be invertible: 'identity', 'leaky_relu' with a positive slope or 'elu' with a "
+        f"positive alpha, got '{activation}' with activation_param {activation_param} "
+        "(use BatchNormAct for the others)",
+    )
+
+
 def _check_residual(op: str, input: Tensor, residual: Optional[Tensor]) -> None:
     if residual is None:
         return
@@ -184,6 +199,50 @@ def _batch_norm_act_backward_fake(
     else:
         grad_residual = input.new_empty((0,))
     return grads[0], grads[1], grads[2], grad_residual
+
+
+@torch.library.register_fake(_INPLACE_FORWARD)
+def _batch_norm_act_inplace_forward_fake(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor]:
+    _, save_mean, save_invstd = _batch_norm_forward_fake(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+    check_inplace_activation("custom_bn.batch_norm", activation, activation_param)
+    return save_mean, save_invstd
+
+
+@torch.library.register_fake(_INPLACE_BACKWARD)
+def _batch_norm_act_inplace_backward_fake(
+    grad_output: Tensor,
+    output: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    output_mask: Sequence[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    op = "custom_bn.batch_norm_backward"
+    grads = _batch_norm_backward_fake(
+        grad_output, output, weight, save_mean, save_invstd, training, eps, output_mask
+    )
+    _check_channel_counts(op, output, [("bias", bias)])
+    _check_channel_tensors(op, output, [("weight", weight), ("bias", bias)])
+    check_inplace_activation(op, activation, activation_param)
+    return grads
 
 
 @torch.library.register_fake(_FORWARD)

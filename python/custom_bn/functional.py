@@ -6,12 +6,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _transforms
+from . import _meta, _transforms
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_norm_act_"]
 
 _forward_op = torch.ops.custom_bn.batch_norm_forward.default
 _act_forward_op = torch.ops.custom_bn.batch_norm_act_forward.default
+_inplace_forward_op = torch.ops.custom_bn.batch_norm_act_inplace_forward.default
 
 
 def batch_norm(
@@ -96,6 +97,60 @@ def batch_norm(
     return output.view(0) if empty_1d else output
 
 
+def batch_norm_act_(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "leaky_relu",
+    activation_param: Optional[float] = None,
+) -> Tensor:
+    r"""In-place activated batch norm: writes ``act(batch_norm(input, ...))`` into ``input`` and
+    returns ``input``; the memory-saving form of :func:`batch_norm` with an activation.
+
+    The backward keeps only this output: it recovers the normalized input by inverting the
+    activation and the affine map, ``x_hat = (act^-1(y) - bias) / weight``. Hence:
+
+    * ``activation`` must be invertible: ``"leaky_relu"`` (the default; ``activation_param``
+      the negative slope, default 0.01, must be positive), ``"elu"`` (alpha, default 1.0, must
+      be positive) or ``"identity"``; others are a ValueError.
+    * when autograd records the call, ``weight`` must have no zero entry (ValueError, raised
+      before ``input`` is touched). Negative entries are fine. The parameters mean what they
+      mean in torch.nn (no reparametrisation), so checkpoints move between the two unchanged.
+      Where elu saturates (output within rounding of ``-alpha``) the input cannot be
+      recovered; those elements get the gradient of the clamped pre-activation.
+    * autograd sees the overwrite: using the old value of ``input`` in another backward raises
+      autograd's "modified by an inplace operation" error, and a leaf that requires grad is
+      rejected, as for any in-place op. There is no double backward (``create_graph=True``
+      raises); use :func:`batch_norm` with ``activation=`` for that.
+
+    Arguments and running-stat update as :func:`batch_norm` (no residual). A non-dense ``input``
+    is computed in a dense copy that is then copied back. Under torch.compile, torch.export and
+    torch.func transforms the result is computed out of place and copied into ``input`` (same
+    values and gradients; the compiler plans the memory), so the saving is an eager-mode one.
+    """
+    param = resolve_activation_param(activation, activation_param)
+    target = input.view(0, 0) if input.dim() == 1 and input.numel() == 0 else input
+    if target.dim() >= 2:
+        weight = _as_channel_vector(weight, target.shape[1])
+        bias = _as_channel_vector(bias, target.shape[1])
+    if torch.jit.is_scripting():
+        torch.ops.custom_bn.batch_norm_act_inplace_forward(
+            target, weight, bias, running_mean, running_var, training, momentum, eps,
+            activation, param,
+        )
+    else:
+        _eager_batch_norm_act_(
+            target, weight, bias, running_mean, running_var, training, momentum, eps,
+            activation, param,
+        )
+    return input
+
+
 def resolve_activation_param(activation: str, activation_param: Optional[float]) -> float:
     """``activation_param`` as given or the activation's default (leaky_relu: 0.01, elu: 1.0);
     ValueError for an unknown activation or a parameter the activation does not take."""
@@ -162,3 +217,33 @@ def _eager_batch_norm(
         )[0]
     return _forward_op(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
 
+
+@torch.jit.unused
+def _eager_batch_norm_act_(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> None:
+    """The in-place operator call outside TorchScript."""
+    if torch.compiler.is_compiling() or _transforms.transforms_active():
+        # Traced graphs and torch.func get the fused op's values and derivatives, written into
+        # input with copy_, which functionalization and the transforms handle. The fused op
+        # keeps its input for backward: it gets a copy, since input is then overwritten.
+        _meta.check_inplace_activation("custom_bn.batch_norm", activation, activation_param)
+        output = _eager_batch_norm(
+            input.clone(), weight, bias, running_mean, running_var, training, momentum, eps,
+            activation, activation_param,
+        )
+        input.copy_(output)
+        return
+    _inplace_forward_op(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+        activation_param,
+    )

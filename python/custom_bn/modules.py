@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import _meta
 from . import functional as F
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "InPlaceBatchNormAct1d",
+    "InPlaceBatchNormAct2d",
+    "InPlaceBatchNormAct3d",
 ]
 
 
@@ -99,22 +103,36 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         else:
             momentum = 0.0
 
-        output = F.batch_norm(
+        output = self._functional(
             input,
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
             use_batch_stats,
             momentum,
-            self.eps,
-            activation=activation,
-            activation_param=activation_param,
-            residual=residual,
+            activation,
+            activation_param,
+            residual,
         )
         if updates_stats:
             self.num_batches_tracked.add_(1)
         return output
+
+    def _functional(
+        self,
+        input: Tensor,
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        training: bool,
+        momentum: float,
+        activation: str,
+        activation_param: Optional[float],
+        residual: Optional[Tensor],
+    ) -> Tensor:
+        """The functional call with the module's parameters (the in-place modules override it)."""
+        return F.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, training, momentum,
+            self.eps, activation=activation, activation_param=activation_param, residual=residual,
+        )
 
     def _forward_cumulative_traceable(
         self,
@@ -132,9 +150,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         """
         batch_mean = torch.zeros_like(self.running_mean)
         batch_var = torch.zeros_like(self.running_var)
-        output = F.batch_norm(
-            input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps,
-            activation=activation, activation_param=activation_param, residual=residual,
+        output = self._functional(
+            input, batch_mean, batch_var, True, 1.0, activation, activation_param, residual
         )
         count = self.num_batches_tracked + 1
         if input.numel() > 0:  # an empty batch leaves the statistics alone, as in eager mode
@@ -237,3 +254,74 @@ class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
 
 class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
     """BatchNorm3d + residual + activation, fused; input ``(N, C, D, H, W)``."""
+
+
+class _InPlaceBatchNormAct(_BatchNormAct):
+    """In-place activated BatchNorm: ``forward(x)`` overwrites ``x`` with ``act(BN(x))`` and
+    returns it, and the backward keeps only that output (custom_bn.functional.batch_norm_act_
+    has the details), so a conv -> BN -> activation block keeps one activation-sized tensor for
+    backward instead of two.
+
+    activation: ``"leaky_relu"`` (default, negative slope activation_param, default 0.01,
+    positive), ``"elu"`` (alpha, default 1.0, positive) or ``"identity"``: the activation must be
+    invertible (ValueError otherwise). While training, weight must have no zero entry (checked
+    at each call); the parameters mean what torch.nn's mean, so the state_dict is the
+    BatchNorm's. No residual input.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: str = "leaky_relu",
+        activation_param: Optional[float] = None,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            num_features, activation, activation_param, eps, momentum, affine,
+            track_running_stats, device, dtype,
+        )
+        _meta.check_inplace_activation(
+            "custom_bn.InPlaceBatchNormAct", activation,
+            F.resolve_activation_param(activation, activation_param),
+        )
+
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
+        """input: ``(N, C, *)`` with C = num_features, overwritten with ``act(BN(input))``
+        and returned."""
+        if not torch.jit.is_scripting() and _is_fx_proxy(input):
+            return _fx_leaf_call(self, (input,))
+        return self._normalize(input, self.activation, self.activation_param, None)
+
+    def _functional(
+        self,
+        input: Tensor,
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        training: bool,
+        momentum: float,
+        activation: str,
+        activation_param: Optional[float],
+        residual: Optional[Tensor],
+    ) -> Tensor:
+        return F.batch_norm_act_(
+            input, running_mean, running_var, self.weight, self.bias, training, momentum,
+            self.eps, activation, activation_param,
+        )
+
+
+class InPlaceBatchNormAct1d(_InPlaceBatchNormAct, BatchNorm1d):
+    """In-place BatchNorm1d + activation; input ``(N, C)`` or ``(N, C, L)``, overwritten."""
+
+
+class InPlaceBatchNormAct2d(_InPlaceBatchNormAct, BatchNorm2d):
+    """In-place BatchNorm2d + activation; input ``(N, C, H, W)`` (channels-last kept),
+    overwritten."""
+
+
+class InPlaceBatchNormAct3d(_InPlaceBatchNormAct, BatchNorm3d):
+    """In-place BatchNorm3d + activation; input ``(N, C, D, H, W)``, overwritten."""

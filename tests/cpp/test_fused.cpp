@@ -3,7 +3,8 @@
 // residual, training and evaluation, contiguous and channels-last: the output, the running
 // statistics, the first-order gradients of input, weight, bias and residual, and the
 // second-order gradients (create_graph=true) of a random weighted sum of those w.r.t. every
-// leaf and grad_output. Then the custom_bn::nn::BatchNormAct modules.
+// leaf and grad_output. Then the custom_bn::nn::BatchNormAct modules and the in-place
+// custom_bn::batch_norm_act_.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -227,6 +228,57 @@ TEST(Fused, ModuleLoadsTorchBatchNormCheckpointAndMatchesTheComposition) {
   // torch::nn::Sequential calls forward(input) alone: the residual defaults to none.
   torch::nn::Sequential seq(fused);
   EXPECT_TRUE(tensors_close(seq->forward(x), fused(x), {0, 0}));
+}
+
+TEST(Inplace, OverwritesTheInputAndMatchesTheATenCompositionFromTheOutputAlone) {
+  torch::manual_seed(0);
+  for (bool channels_last : {false, true}) {
+    for (const Activation& act : {Activation{"leaky_relu", 0.2}, Activation{"elu", 0.5},
+                                  Activation{"identity", std::nullopt}}) {
+      const Leaves leaves = make_leaves({act, false, true, channels_last});
+      const Leaves mine = copy(leaves), ref = copy(leaves);
+      {
+        torch::NoGradGuard no_grad;
+        mine.weight.mul_(-1);  // negative weights invert like positive ones
+        ref.weight.mul_(-1);
+      }
+      torch::Tensor y = mine.input * 1.0;  // a non-leaf, as a conv's output
+      const int64_t version = y._version();
+      torch::Tensor& out = custom_bn::batch_norm_act_(y, mine.weight, mine.bias, mine.running_mean,
+                                                      mine.running_var, true, kMomentum, kEps,
+                                                      act.name, act.param);
+      EXPECT_EQ(out.data_ptr(), y.data_ptr());
+      EXPECT_GT(y._version(), version);
+      const auto want = aten_activation(
+          act, at::batch_norm(ref.input, ref.weight, ref.bias, ref.running_mean, ref.running_var,
+                              true, kMomentum, kEps, false));
+      EXPECT_TRUE(tensors_close(y, want, kTol)) << act.name;
+      EXPECT_TRUE(tensors_close(mine.running_var, ref.running_var, kTol)) << act.name;
+      const auto got_grads = torch::autograd::grad({y}, {mine.input, mine.weight, mine.bias},
+                                                   {leaves.grad_output});
+      const auto want_grads = torch::autograd::grad({want}, {ref.input, ref.weight, ref.bias},
+                                                    {leaves.grad_output});
+      for (size_t i = 0; i < got_grads.size(); ++i) {
+        EXPECT_TRUE(tensors_close(got_grads[i], want_grads[i], {1e-9, 1e-9}))
+            << act.name << " grad " << i << (channels_last ? " channels_last" : "");
+      }
+    }
+  }
+}
+
+TEST(Inplace, RejectsNonInvertibleActivationsAndZeroWeightsBeforeWriting) {
+  auto x = torch::randn({4, 3, 5});
+  const auto before = x.clone();
+  EXPECT_THROW(custom_bn::batch_norm_act_(x, {}, {}, {}, {}, true, 0.1, 1e-5, "relu"),
+               c10::ValueError);
+  EXPECT_THROW(custom_bn::batch_norm_act_(x, {}, {}, {}, {}, true, 0.1, 1e-5, "leaky_relu", 0.0),
+               c10::ValueError);
+  auto y = torch::randn({4, 3, 5}).requires_grad_() * 1.0;
+  const auto y_before = y.detach().clone();
+  const auto w = torch::tensor({1.0f, 0.0f, 2.0f}).requires_grad_();
+  EXPECT_THROW(custom_bn::batch_norm_act_(y, w, {}, {}, {}, true), c10::ValueError);
+  EXPECT_TRUE(torch::equal(x, before));
+  EXPECT_TRUE(torch::equal(y.detach(), y_before));
 }
 
 }  // namespace

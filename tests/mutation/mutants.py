@@ -44,6 +44,7 @@ CHANNELS_LAST = "kernels/cpu/channels_last.h"
 FUSED = "pytest tests/python/test_fused.py"
 TRANSFORMS_PY = "python/custom_bn/_transforms.py"
 TRANSFORMS = "pytest tests/python/test_transforms.py"
+INPLACE = "pytest tests/python/test_inplace.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------- CUDA kernel bodies
@@ -276,8 +277,8 @@ MUTANTS = [
     Mutant(
         "fused-backward-z-without-bias",
         KERNEL,
-        "                                 b ? b[c] : acc_t(0));",
-        "                                 acc_t(0));",
+        "                         : fold_affine(static_cast<const acc_t*>(a.mean)[c], invstd, wc, bc);",
+        "                         : fold_affine(static_cast<const acc_t*>(a.mean)[c], invstd, wc, 0);",
         "fused backward: the recomputed pre-activation leaves out the bias",
         (FUSED,),
     ),
@@ -288,5 +289,38 @@ MUTANTS = [
         "      return dy * s;",
         "differentiable fused backward: silu's derivative without its z * s * (1 - s) term",
         (FUSED,),
+    ),
+    # ------------------------------------------------------ in-place mode (CPU, autograd)
+    Mutant(
+        "inplace-inverse-affine-drops-bias",
+        MATH,
+        "  return {alpha, -b * alpha};",
+        "  return {alpha, acc_t(0) * b};",
+        "in-place backward: x - mean recovered from z without subtracting the bias",
+        (INPLACE,),
+    ),
+    Mutant(
+        "inplace-leaky-inverse-ignores-slope",
+        ACTIVATION_VEC,
+        "      return Vec::blendv(y / Vec(param), y, y > zero);",
+        "      return Vec::blendv(y, y, y > zero);",
+        "in-place backward: leaky_relu's inverse forgets to divide the negative side by the slope",
+        (INPLACE,),
+    ),
+    Mutant(
+        "inplace-uncentred-mean",
+        KERNEL,
+        "    centred.mean = zero_mean.data();",
+        "    centred.mean = a.mean;",
+        "in-place backward: the batch mean subtracted again from the already centred input",
+        (INPLACE,),
+    ),
+    Mutant(
+        "inplace-no-version-bump",
+        AUTOGRAD_CPP,
+        "    torch::autograd::impl::bump_version(output);\n",
+        "",
+        "in-place autograd: the overwritten input's version counter is not moved",
+        (INPLACE,),
     ),
 ]
