@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -333,6 +334,56 @@ def memory_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+# SyncBatchNorm: 2 processes (gloo on 127.0.0.1, one thread each), this per-process batch.
+SYNC_SHAPE = (8, 64, 56, 56)
+SYNC_WORLD = 2
+
+
+def sync_child(rank: int, port: int, rounds: int) -> dict:
+    """Training forward+backward of custom_bn.SyncBatchNorm against the local custom_bn
+    BatchNorm2d on the same per-process batch, in lockstep in both processes (a fixed number of
+    calls in the same order: every sync call is a collective both must join)."""
+    import torch.distributed as dist
+
+    import custom_bn
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=SYNC_WORLD)
+    torch.manual_seed(rank)
+    x = torch.randn(SYNC_SHAPE, requires_grad=True)
+    dy = torch.randn_like(x)
+    modules = {"sync": custom_bn.SyncBatchNorm(SYNC_SHAPE[1]), "local": custom_bn.BatchNorm2d(SYNC_SHAPE[1])}
+    fns = {k: (lambda m=m: torch.autograd.grad(m(x), (x, m.weight, m.bias), dy)) for k, m in modules.items()}
+    order = random.Random(0)  # the same order in both processes
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(rounds + 2):  # two warm-up rounds
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            for _ in range(5):
+                fns[name]()
+            if r >= 2:
+                samples[name].append((time.perf_counter() - start) / 5)
+    dist.destroy_process_group()
+    channels = SYNC_SHAPE[1]
+    return {"rank": rank, "seconds": {k: statistics.median(v) for k, v in samples.items()},
+            # per process and step: all-gather of [mean, var, count], all-reduce of 2 sums
+            "bytes_sent": (2 * channels + 1) * 4 + 2 * channels * 4}
+
+
+def sync_table(rows: List[dict]) -> str:
+    lines = [f"SyncBatchNorm, {SYNC_WORLD} processes (gloo, 1 thread each), per-process batch "
+             f"{'x'.join(map(str, SYNC_SHAPE))} float32, training forward+backward:"]
+    for r in rows:
+        t = r["seconds"]
+        lines.append(f"  rank {r['rank']}: sync {t['sync'] * 1e3:.3f} ms, local {t['local'] * 1e3:.3f} ms, "
+                     f"overhead {t['sync'] / t['local']:.2f}x; 2 collectives, {r['bytes_sent']} bytes sent "
+                     "per step (torch.nn.SyncBatchNorm: the same 2 collectives and bytes)")
+    return "\n".join(lines)
+
+
 def run_child(threads: int, cases: List[Case], rounds: int, min_sample_s: float, cuda: bool) -> dict:
     """Measures every case with `threads` threads (and, when `cuda`, on the GPU too); returns a
     JSON-able dict."""
@@ -484,9 +535,13 @@ def main() -> None:
                         help="keep glibc's default malloc settings in the timed processes")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--sync-child", type=int, nargs=2, help=argparse.SUPPRESS)  # rank, port
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child)))
+        return
+    if args.sync_child:
+        print(json.dumps(sync_child(*args.sync_child, 3 if args.quick else 9)))
         return
     cases = [c for c in CASES if not args.cases or any(s in c.name for s in args.cases)]
     rounds, min_sample_s = (3, 0.002) if args.quick else (9, 0.01)
@@ -516,7 +571,15 @@ def main() -> None:
                              stdout=subprocess.PIPE, text=True, check=True, env=env)
         memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    table = format_table(results) + "\n\n" + memory_table(memory)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, __file__, "--sync-child", str(r), str(port)]
+                              + (["--quick"] if args.quick else []), stdout=subprocess.PIPE, text=True, env=env)
+             for r in range(SYNC_WORLD)]
+    sync_rows = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in ranks]
+
+    table = format_table(results) + "\n\n" + memory_table(memory) + "\n\n" + sync_table(sync_rows)
     info = results[0]["build_info"]
     malloc = "default malloc" if args.system_malloc else "steady malloc"
     header = (f"custom_bn {info['version']}, torch {info['torch']}, CPU path {info['cpu_capability']}, "
@@ -528,11 +591,13 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = os.path.join(RESULTS, f"bench-{stamp}.json")
     with open(json_path, "w") as f:
-        json.dump({"header": header, "results": results, "memory": memory}, f, indent=1)
+        json.dump({"header": header, "results": results, "memory": memory, "sync": sync_rows}, f,
+                  indent=1)
     png_path = plot(results, os.path.join(RESULTS, f"bench-{stamp}.png"))
     md_path = os.path.join(RESULTS, f"bench-{stamp}.md")
     with open(md_path, "w") as f:
-        f.write(f"{header}\n\n{markdown_table(results)}\n```\n{memory_table(memory)}\n```\n")
+        f.write(f"{header}\n\n{markdown_table(results)}\n```\n{memory_table(memory)}\n\n"
+                f"{sync_table(sync_rows)}\n```\n")
     print(f"\nJSON: {json_path}")
     print(f"Markdown: {md_path}")
     if png_path:

@@ -133,6 +133,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
                                     training, momentum, eps, "identity", 0.0);
 }
 
+// SyncBatchNorm's split of the backward (cpu::BackwardArgs): this batch's sums written to `out`
+// ([2, C] doubles), or the whole batch's `given` with its `count`.
+struct SplitSums {
+  double* out = nullptr;
+  const double* given = nullptr;
+  int64_t count = 0;
+};
+
 // The backward kernels on checked arguments; x is the input, or in the in-place mode the
 // output (from_output).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_checked(
@@ -140,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_checked(
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& residual_arg, const at::Tensor& save_mean_arg,
     const at::Tensor& save_invstd_arg, bool training, Activation act, double activation_param,
-    std::array<bool, 4> output_mask, bool from_output) {
+    std::array<bool, 4> output_mask, bool from_output, SplitSums split = {}) {
   const auto fmt = batch_norm_memory_format(x_arg);
   // The residual enters only through z (act'(z)); the identity never reads it.
   const at::Tensor residual = given(residual_arg) && act != Activation::kIdentity
@@ -176,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_checked(
          output_mask[1] ? grad_weight.data_ptr() : nullptr,
          output_mask[2] ? grad_bias.data_ptr() : nullptr, training, data_or_null(b),
          data_or_null(residual), output_mask[3] ? grad_residual.data_ptr() : nullptr, act,
-         activation_param, from_output});
+         activation_param, from_output, split.out, split.given, split.count});
   }
   const auto finish = [&](const at::Tensor& t) {
     return t.defined() ? t.to(param_dtype) : unrequested_gradient(x);
@@ -228,9 +236,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// ---------------------------------------------------------------- SyncBatchNorm's pieces
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input_arg) {
+  check_input("custom_bn.batch_norm_stats", input_arg);
+  const auto fmt = batch_norm_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous(fmt);
+  const Geometry g = geometry_of(input, fmt);
+  at::Tensor mean = at::zeros({g.c}, input.options().dtype(at::kDouble));
+  at::Tensor var = at::zeros({g.c}, input.options().dtype(at::kDouble));
+  if (input.numel() > 0) {
+    cpu::selected_kernels().stats({input.scalar_type(), g, input.const_data_ptr(),
+                                   mean.data_ptr<double>(), var.data_ptr<double>()});
+  }
+  const auto acc = accumulate_dtype(input.scalar_type());
+  return {mean.to(acc), var.to(acc)};
+}
+
+// The checks shared by the two backward pieces: those of batch_norm_act_backward with
+// (mean, invstd) in the place of (save_mean, save_invstd).
+Activation check_split_backward_args(const char* op, const at::Tensor& grad_output,
+                                     const at::Tensor& input,
+                                     const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const c10::optional<at::Tensor>& residual,
+                                     const at::Tensor& mean, const at::Tensor& invstd,
+                                     c10::string_view activation) {
+  check_batch_norm_backward_args(grad_output, input, weight, mean, invstd);
+  check_channel_counts(op, input, {{&bias, "bias"}});
+  check_channel_tensors(op, input, {{&weight, "weight"}, {&bias, "bias"}});
+  check_residual(op, input, residual);
+  return parse_activation(op, activation);
+}
+
+at::Tensor batch_norm_backward_reduce_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const c10::optional<at::Tensor>& weight,
+                                          const c10::optional<at::Tensor>& bias,
+                                          const c10::optional<at::Tensor>& residual,
+                                          const at::Tensor& mean, const at::Tensor& invstd,
+                                          c10::string_view activation, double activation_param) {
+  const Activation act =
+      check_split_backward_args("custom_bn.batch_norm_backward_reduce", grad_output, input,
+                                weight, bias, residual, mean, invstd, activation);
+  at::Tensor sums = at::zeros({2, input.size(1)}, input.options().dtype(at::kDouble));
+  backward_checked(grad_output, input, weight, bias, residual, mean, invstd, /*training=*/true,
+                   act, activation_param, {false, false, false, false}, /*from_output=*/false,
+                   {sums.data_ptr<double>()});
+  return sums.to(accumulate_dtype(input.scalar_type()));
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& sums, int64_t count, c10::string_view activation, double activation_param,
+    std::array<bool, 2> output_mask) {
+  constexpr const char* op = "custom_bn.batch_norm_backward_elemt";
+  const Activation act = check_split_backward_args(op, grad_output, input, weight, bias,
+                                                   residual, mean, invstd, activation);
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == input.size(1), op,
+              ": sums must have shape [2, C]=[2, ", input.size(1), "], got ",
+              describe_shape(sums));
+  TORCH_CHECK(sums.is_floating_point() && sums.device() == input.device(), op,
+              ": sums must be a floating-point tensor on ", input.device(), ", got ",
+              sums.scalar_type(), " on ", sums.device());
+  TORCH_CHECK_VALUE(count >= values_per_channel(input), op,
+                    ": count (values per channel of the whole batch) must be at least this "
+                    "batch's ", values_per_channel(input), ", got ", count);
+  const at::Tensor given = sums.to(at::kDouble).contiguous();
+  auto [grad_input, unused_w, unused_b, grad_residual] = backward_checked(
+      grad_output, input, weight, bias, residual, mean, invstd, /*training=*/true, act,
+      activation_param, {output_mask[0], false, false, output_mask[1]}, /*from_output=*/false,
+      {nullptr, given.const_data_ptr<double>(), count});
+  return {grad_input, grad_residual};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
   m.impl("batch_norm_forward", &batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);

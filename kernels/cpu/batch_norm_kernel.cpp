@@ -120,6 +120,36 @@ void store_batch_stats(const ForwardArgs& a, int64_t c, const WelfordStats<doubl
   fold_forward_coeffs(a, c, alpha, beta);
 }
 
+// Per-channel statistics of the whole tensor, reduced in memory order: tiles of rows x channels
+// (channels-last) or pieces of runs (contiguous), merged per channel in a fixed order.
+template <typename scalar_t>
+std::vector<WelfordStats<double>> batch_stats(const Geometry& g, const scalar_t* x) {
+  std::vector<WelfordStats<double>> stats(g.c);
+  if (g.layout == Layout::kChannelsLast) {
+    const RowTiles t = row_tiles(g);
+    std::vector<WelfordStats<double>> partial(t.ranges * g.c);
+    for_each_tile(g, t, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t range) {
+      tile_stats(x, g, r0, r1, c0, c1, partial.data() + range * g.c);
+    });
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t range = 0; range < t.ranges; ++range) {
+        stats[c] = welford_merge(stats[c], partial[range * g.c + c]);
+      }
+    }
+  } else {
+    const RunPieces p = run_pieces(g);
+    std::vector<WelfordStats<double>> partial(p.tasks);
+    for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len, int64_t) {
+      partial[task] = run_stats(x + off, len);
+    });
+    for (int64_t c = 0; c < g.c; ++c) {
+      for_channel_pieces(g, p, partial, c,
+                         [&](const auto& part) { stats[c] = welford_merge(stats[c], part); });
+    }
+  }
+  return stats;
+}
+
 template <typename scalar_t, typename Act>
 void forward_typed(const ForwardArgs& a, const Act& act) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -138,19 +168,6 @@ void forward_typed(const ForwardArgs& a, const Act& act) {
       static_cast<acc_t*>(a.invstd)[c] = acc_t(1) / std::sqrt(rv[c] + acc_t(a.eps));
       fold_forward_coeffs(a, c, alpha.data(), beta.data());
     }
-  } else if (g.layout == Layout::kChannelsLast) {
-    const RowTiles t = row_tiles(g);
-    std::vector<WelfordStats<double>> partial(t.ranges * g.c);
-    for_each_tile(g, t, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t range) {
-      tile_stats(x, g, r0, r1, c0, c1, partial.data() + range * g.c);
-    });
-    for (int64_t c = 0; c < g.c; ++c) {
-      WelfordStats<double> s;
-      for (int64_t range = 0; range < t.ranges; ++range) {
-        s = welford_merge(s, partial[range * g.c + c]);
-      }
-      store_batch_stats(a, c, s, alpha.data(), beta.data());
-    }
   } else if (whole_channel_tasks(g, (r ? 2 : 1) * g.n * g.c * g.hw * int64_t(sizeof(scalar_t)))) {
     at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -168,16 +185,8 @@ void forward_typed(const ForwardArgs& a, const Act& act) {
     });
     return;
   } else {
-    const RunPieces p = run_pieces(g);
-    std::vector<WelfordStats<double>> partial(p.tasks);
-    for_each_piece(g, p, [&](int64_t task, int64_t off, int64_t len, int64_t) {
-      partial[task] = run_stats(x + off, len);
-    });
-    for (int64_t c = 0; c < g.c; ++c) {
-      WelfordStats<double> s;
-      for_channel_pieces(g, p, partial, c, [&](const auto& part) { s = welford_merge(s, part); });
-      store_batch_stats(a, c, s, alpha.data(), beta.data());
-    }
+    const std::vector<WelfordStats<double>> stats = batch_stats(g, x);
+    for (int64_t c = 0; c < g.c; ++c) store_batch_stats(a, c, stats[c], alpha.data(), beta.data());
   }
   elementwise(g, y, x, r, k, act);
 }
@@ -189,9 +198,10 @@ template <typename acc_t>
 BackwardCoeffs<acc_t> fold_backward_coeffs(const BackwardArgs& a, const ChannelSums& sums,
                                            int64_t c) {
   const acc_t* w = static_cast<const acc_t*>(a.weight);
+  const int64_t count = a.given_sums ? a.count : a.g.count();
   return fold_backward(static_cast<const acc_t*>(a.mean)[c],
                        static_cast<const acc_t*>(a.invstd)[c], w ? w[c] : acc_t(1),
-                       acc_t(sums[c].dy), acc_t(sums[c].dot), acc_t(a.g.count()), a.training);
+                       acc_t(sums[c].dy), acc_t(sums[c].dot), acc_t(count), a.training);
 }
 
 // What the backward passes read: dy (through the activation, recomputing z from x, residual
@@ -253,12 +263,12 @@ void grad_input_run(const BackwardArgs& a, const GradSource<scalar_t, Act>& src,
   }
 }
 
-// The reductions of the backward into sums; when `fused`, also the second pass (grad_input,
-// grad_residual) of each channel right after its sums (contiguous layout, whole channels per
-// task). Returns whether the second pass was done.
+// The reductions of the backward into sums; when fuse_second_pass allows it, also the second
+// pass (grad_input, grad_residual) of each channel right after its sums (contiguous layout,
+// whole channels per task). Returns whether the second pass was done.
 template <typename scalar_t, typename Act>
 bool backward_sums(const BackwardArgs& a, const GradSource<scalar_t, Act>& src,
-                   ChannelSums& sums) {
+                   ChannelSums& sums, bool fuse_second_pass) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
   auto* dx = static_cast<scalar_t*>(a.dx);
@@ -290,7 +300,7 @@ bool backward_sums(const BackwardArgs& a, const GradSource<scalar_t, Act>& src,
           s.add(run_grad_sums(src.run(p, c), g.hw, mean[c]));
         }
         sums[c] = s;
-        if (!dx && !dres) continue;
+        if (!fuse_second_pass || (!dx && !dres)) continue;
         const auto k = fold_backward_coeffs<acc_t>(a, sums, c);
         for (int64_t n = 0; n < g.n; ++n) {
           const int64_t p = (n * g.c + c) * g.hw;
@@ -298,7 +308,7 @@ bool backward_sums(const BackwardArgs& a, const GradSource<scalar_t, Act>& src,
         }
       }
     });
-    return dx || dres;
+    return fuse_second_pass && (dx || dres);
   }
   const RunPieces p = run_pieces(g);
   std::vector<GradSums> partial(p.tasks);
@@ -320,10 +330,20 @@ void backward_typed(const BackwardArgs& a, const Act& act) {
   auto* dx = static_cast<scalar_t*>(a.dx);
   auto* dres = static_cast<scalar_t*>(a.dres);
   const GradSource<scalar_t, Act> src(a, act);
-  // The sums feed grad_weight/grad_bias and, in training, grad_input.
-  const bool need_sums = a.grad_weight || a.grad_bias || (a.training && dx);
+  // The sums feed grad_weight/grad_bias and, in training, grad_input: this batch's, or those of
+  // the whole distributed batch when given.
+  const bool need_sums =
+      !a.given_sums && (a.grad_weight || a.grad_bias || a.sums_out || (a.training && dx));
   ChannelSums sums(g.c);  // zero unless computed
-  const bool second_pass_done = need_sums && backward_sums(a, src, sums);
+  if (a.given_sums) {
+    for (int64_t c = 0; c < g.c; ++c) sums[c] = {a.given_sums[c], a.given_sums[g.c + c]};
+  }
+  const bool second_pass_done =
+      need_sums && backward_sums(a, src, sums, /*fuse_second_pass=*/!a.sums_out);
+  for (int64_t c = 0; a.sums_out && c < g.c; ++c) {
+    a.sums_out[c] = sums[c].dy;
+    a.sums_out[g.c + c] = sums[c].dot;
+  }
 
   if ((dx || dres) && !second_pass_done) {
     std::vector<acc_t> k_dy(g.c), k_x(g.c), k_c(g.c);
@@ -367,6 +387,16 @@ void forward(const ForwardArgs& a) {
   });
 }
 
+void stats(const StatsArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_stats_cpu", [&] {
+    const auto stats = batch_stats(a.g, static_cast<const scalar_t*>(a.x));
+    for (int64_t c = 0; c < a.g.c; ++c) {
+      a.mean[c] = stats[c].count > 0 ? stats[c].mean : 0.0;
+      a.var[c] = stats[c].count > 0 ? std::max(stats[c].m2, 0.0) / stats[c].count : 0.0;
+    }
+  });
+}
+
 void backward(const BackwardArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "custom_bn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -390,7 +420,8 @@ constexpr bool kOpenMP = true;
 constexpr bool kOpenMP = false;
 #endif
 
-const Kernels kernels = {&forward, &backward, CUSTOM_BN_STRINGIFY(CPU_CAPABILITY), kOpenMP};
+const Kernels kernels = {&forward, &backward, &stats, CUSTOM_BN_STRINGIFY(CPU_CAPABILITY),
+                         kOpenMP};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace custom_bn::cpu

@@ -60,11 +60,30 @@ struct BackwardArgs {
   // The in-place mode: x holds the forward's output y, from which dy' and x are recovered by
   // inverting the activation and the affine map (no residual, dres nullptr).
   bool from_output = false;
+  // The distributed (SyncBatchNorm) split of the backward:
+  //  - sums_out (nullptr: not wanted) receives this batch's sums: C values sum(dy'), then C
+  //    values sum(dy' (x - mean)) (the layout of given_sums too);
+  //  - given_sums (nullptr: reduce here) are the sums of the whole distributed batch, of
+  //    `count` values per channel: grad_input uses them instead of reducing this batch.
+  double* sums_out = nullptr;
+  const double* given_sums = nullptr;
+  int64_t count = 0;
+};
+
+// The statistics of a batch alone (SyncBatchNorm's first step): per channel the mean and the
+// biased variance, in double; zero for an empty batch.
+struct StatsArgs {
+  c10::ScalarType dtype;
+  Geometry g;
+  const void* x;
+  double* mean;
+  double* var;
 };
 
 struct Kernels {
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
+  void (*stats)(const StatsArgs&);
   const char* capability;  // "DEFAULT", "AVX2" or "AVX512": the CPU_CAPABILITY it was built for
   bool openmp;             // compiled with OpenMP: at::parallel_for uses torch's thread pool
 };

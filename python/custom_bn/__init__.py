@@ -21,6 +21,7 @@ from .modules import (
     InPlaceBatchNormAct2d,
     InPlaceBatchNormAct3d,
 )
+from .sync import SyncBatchNorm, convert_sync_batchnorm
 from . import _interop  # noqa: F401  (torch.ao fusers, convert_sync_batchnorm warning)
 
 __version__ = "0.1.0"
@@ -37,5 +38,7 @@ __all__ = [
     "InPlaceBatchNormAct1d",
     "InPlaceBatchNormAct2d",
     "InPlaceBatchNormAct3d",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
     "__version__",
 ]

@@ -28,6 +28,9 @@ _ACT_FORWARD = "custom_bn::batch_norm_act_forward"
 _ACT_BACKWARD = "custom_bn::batch_norm_act_backward"
 _INPLACE_FORWARD = "custom_bn::batch_norm_act_inplace_forward"
 _INPLACE_BACKWARD = "custom_bn::batch_norm_act_inplace_backward"
+_STATS = "custom_bn::batch_norm_stats"
+_BACKWARD_REDUCE = "custom_bn::batch_norm_backward_reduce"
+_BACKWARD_ELEMT = "custom_bn::batch_norm_backward_elemt"
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu")
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _REDUCED_DTYPES = (torch.float16, torch.bfloat16)
@@ -342,3 +345,67 @@ def _batch_norm_backward_fake(
             input.new_empty((channels,), dtype=param_dtype) if wanted else input.new_empty((0,))
         )
     return grads[0], grads[1], grads[2]
+
+
+# SyncBatchNorm's building blocks (csrc/ops/sync_batch_norm.h).
+
+
+@torch.library.register_fake(_STATS)
+def _batch_norm_stats_fake(input: Tensor) -> Tuple[Tensor, Tensor]:
+    _check_input("custom_bn.batch_norm_stats", input)
+    stats_dtype = accumulate_dtype(input.dtype)
+    channels = input.shape[1]
+    return input.new_empty((channels,), dtype=stats_dtype), input.new_empty((channels,), dtype=stats_dtype)
+
+
+def _check_split_backward(op, grad_output, input, weight, bias, residual, mean, invstd, activation):
+    _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, True, 0.0, [False] * 3)
+    _check_channel_counts(op, input, [("bias", bias)])
+    _check_channel_tensors(op, input, [("weight", weight), ("bias", bias)])
+    _check_residual(op, input, residual)
+    check_activation(op, activation)
+
+
+@torch.library.register_fake(_BACKWARD_REDUCE)
+def _batch_norm_backward_reduce_fake(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
+    _check_split_backward("custom_bn.batch_norm_backward_reduce", grad_output, input, weight, bias,
+                          residual, mean, invstd, activation)
+    return input.new_empty((2, input.shape[1]), dtype=accumulate_dtype(input.dtype))
+
+
+@torch.library.register_fake(_BACKWARD_ELEMT)
+def _batch_norm_backward_elemt_fake(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    sums: Tensor,
+    count: int,
+    activation: str,
+    activation_param: float,
+    output_mask: Sequence[bool],
+) -> Tuple[Tensor, Tensor]:
+    op = "custom_bn.batch_norm_backward_elemt"
+    _check_split_backward(op, grad_output, input, weight, bias, residual, mean, invstd, activation)
+    torch._check(
+        sums.dim() == 2 and sums.shape[0] == 2 and sums.shape[1] == input.shape[1],
+        lambda: f"{op}: sums must have shape [2, C]=[2, {input.shape[1]}], got {list(sums.shape)}",
+    )
+    fmt = batch_norm_memory_format(input)
+    return tuple(  # type: ignore[return-value]
+        torch.empty_like(input, memory_format=fmt) if wanted else input.new_empty((0,))
+        for wanted in output_mask
+    )
