@@ -1,5 +1,7 @@
-// CUDA launchers of custom_bn::batch_norm_forward / batch_norm_backward and of their fused
-// variants batch_norm_act_forward / batch_norm_act_backward: the real GPU backend of the launch sequence in batch_norm_launch.h (the emulated kernel tests in
+// CUDA launchers of custom_bn::batch_norm_forward / batch_norm_backward, of their fused
+// variants batch_norm_act_forward / batch_norm_act_backward and of the in-place
+// batch_norm_act_inplace_forward / batch_norm_act_inplace_backward: the real GPU backend of the
+// launch sequence in batch_norm_launch.h (the emulated kernel tests in
 // tests/cpp/emulator run that same sequence with a CPU backend). Kernel bodies are in
 // batch_norm_kernel.cuh, grid/block/shared-memory choices in launch_config.h.
 #include <ATen/ATen.h>
@@ -78,6 +80,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
                                               activation_param, output_mask);
 }
 
+// The in-place operators take the activation's name: batch_norm_launch.h checks that it is
+// invertible.
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward_cuda(
+    at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double activation_param) {
+  return cuda_launch::batch_norm_act_inplace_forward(CudaBackend{}, input, weight, bias,
+                                                     running_mean, running_var, training,
+                                                     momentum, eps, activation, activation_param);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& output,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    double /*eps: folded into save_invstd*/, c10::string_view activation,
+    double activation_param, std::array<bool, 3> output_mask) {
+  return cuda_launch::batch_norm_act_inplace_backward(CudaBackend{}, grad_output, output, weight,
+                                                      bias, save_mean, save_invstd, training,
+                                                      activation, activation_param, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(custom_bn, CUDA, m) {
@@ -85,6 +110,8 @@ TORCH_LIBRARY_IMPL(custom_bn, CUDA, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_cuda);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
+  m.impl("batch_norm_act_inplace_forward", &batch_norm_act_inplace_forward_cuda);
+  m.impl("batch_norm_act_inplace_backward", &batch_norm_act_inplace_backward_cuda);
 }
 
 }  // namespace custom_bn

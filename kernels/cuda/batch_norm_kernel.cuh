@@ -1,6 +1,7 @@
 #pragma once
 // CUDA kernel bodies of custom_bn::batch_norm_act_forward / batch_norm_act_backward (the plain
-// batch_norm_forward / batch_norm_backward are their identity, residual-free case). Launch shapes
+// batch_norm_forward / batch_norm_backward are their identity, residual-free case, and the
+// in-place batch_norm_act_inplace_forward / _backward their output-overwriting mode). Launch shapes
 // come from launch_config.h, the launch sequence from batch_norm_launch.h. Only
 // device_primitives.cuh and kernels/common are used, so the CPU emulator of tests/cpp/emulator
 // runs these same bodies.
@@ -10,10 +11,12 @@
 // Forward (eval): eval_stats (per channel, from the running stats) then transform.
 // Backward: backward_reduce (sum dz, sum dz * (x - mean) with dz = dy * act'(z); last block
 // writes them and grad_weight / grad_bias) then backward_elementwise (dx = dz * k_dy +
-// (x - mean) * k_x + k_c, grad_residual = dz).
+// (x - mean) * k_x + k_c, grad_residual = dz). The in-place mode runs the same kernels on the
+// output y instead of x (transform writes y over x; the backward recovers z and x - mean from y).
 //
 // The activation is a template parameter (kAct): the identity compiles to the plain batch norm,
-// and no kernel switches on the activation per element. The residual is a nullable pointer.
+// and no kernel switches on the activation per element. So is the backward's source (x, or the
+// in-place mode's y). The residual is a nullable pointer.
 //
 // Every reduction splits a channel over grid.y blocks. Each block writes its partial result to
 // a workspace and bumps the channel's (or channel tile's) counter; the block that arrives last
@@ -389,7 +392,9 @@ CBN_DEVICE scalar_t forward_element(const AffineCoeffs<acc_t>& k, acc_t activati
   return static_cast<scalar_t>(activation_forward(kAct, activation_param, z));
 }
 
-// y = act(x * alpha + (residual + beta)) in acc_t, residual null for none.
+// y = act(x * alpha + (residual + beta)) in acc_t, residual null for none. output may be input
+// itself (the in-place mode): each element is read and then written by the same thread and by no
+// other, so the pointers carry no __restrict__.
 template <Activation kAct, typename scalar_t, typename param_t, typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_transform_contiguous_kernel(
     const scalar_t* input, const scalar_t* residual, scalar_t* output, const acc_t* mean,
@@ -417,9 +422,16 @@ CBN_KERNEL void batch_norm_transform_channels_last_kernel(
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-// What the backward needs to recompute the forward's z (pre_activation): the affine parameters
-// (alpha and beta are folded again from the saved statistics, as the forward folded them), the
-// residual (null: none) and the activation's parameter. weight also scales dx.
+// What the backward reads besides dy. kInput: the forward's input x (and the residual), from
+// which z is recomputed exactly as the forward computed it. kOutput, the in-place mode: the
+// forward's output y, all that is left of x; z = act^-1(y), and x - mean = (z - b) / (w * invstd).
+// Only the invertible activations (identity, leaky_relu and elu with a positive parameter, as
+// csrc/checks.h admits them) are instantiated for kOutput.
+enum class BackwardSource { kInput, kOutput };
+
+// What the backward needs to recompute the forward's z (pre_activation) or to invert it: the
+// affine parameters (alpha and beta are folded again from the saved statistics, as the forward
+// folded them), the residual (null: none) and the activation's parameter. weight also scales dx.
 template <typename scalar_t, typename param_t, typename acc_t>
 struct EpilogueInputs {
   const param_t* weight;  // null: 1
@@ -428,47 +440,66 @@ struct EpilogueInputs {
   acc_t activation_param;
 };
 
-// One channel's dy -> dz = dy * act'(z). The identity's dz is dy: it reads neither x nor the
-// residual, and the coefficients stay unset.
-template <Activation kAct, typename scalar_t, typename acc_t>
-struct ActivationBackward {
+// One channel's reading of the saved value v (x or y, per kSource) of an element: the gradient
+// at z, dz = dy * act'(z), and x - mean. Both backward passes are built from these two alone, so
+// the source is the only difference between the two modes.
+template <Activation kAct, BackwardSource kSource, typename scalar_t, typename acc_t>
+struct ElementSource {
+  acc_t mean;  // kInput
+  // kInput: z = x * k.alpha + (residual + k.beta); unset for the identity, whose dz is dy (it
+  // reads neither x nor the residual). kOutput: x - mean = z * k.alpha + k.beta.
   AffineCoeffs<acc_t> k;
-  const scalar_t* residual;
+  const scalar_t* residual;  // kInput
   acc_t activation_param;
 
   template <typename index_t>
-  CBN_DEVICE acc_t grad(acc_t dy, acc_t x, index_t off) const {
+  CBN_DEVICE acc_t grad(acc_t dy, acc_t v, index_t off) const {
     if constexpr (kAct == Activation::kIdentity) {
       return dy;
+    } else if constexpr (kSource == BackwardSource::kOutput) {
+      return activation_grad_from_output(kAct, activation_param, dy, v);
     } else {
-      return activation_grad(kAct, activation_param, dy, pre_activation(k, x, residual, off));
+      return activation_grad(kAct, activation_param, dy, pre_activation(k, v, residual, off));
+    }
+  }
+
+  CBN_DEVICE acc_t centred(acc_t v) const {
+    if constexpr (kSource == BackwardSource::kOutput) {
+      return activation_inverse(kAct, activation_param, v) * k.alpha + k.beta;
+    } else {
+      return v - mean;
     }
   }
 };
 
-template <Activation kAct, typename scalar_t, typename param_t, typename acc_t>
-CBN_DEVICE ActivationBackward<kAct, scalar_t, acc_t> activation_backward(
+template <Activation kAct, BackwardSource kSource, typename scalar_t, typename param_t,
+          typename acc_t>
+CBN_DEVICE ElementSource<kAct, kSource, scalar_t, acc_t> element_source(
     int64_t c, const acc_t* mean, const acc_t* invstd,
     const EpilogueInputs<scalar_t, param_t, acc_t>& e) {
-  if constexpr (kAct == Activation::kIdentity) {
-    return {};
+  if constexpr (kSource == BackwardSource::kOutput) {
+    return {acc_t(0),
+            fold_inverse_affine(invstd[c], channel_value_or(e.weight, c, acc_t(1)),
+                                channel_value_or(e.bias, c, acc_t(0))),
+            nullptr, e.activation_param};
+  } else if constexpr (kAct == Activation::kIdentity) {
+    return {mean[c], {}, nullptr, e.activation_param};
   } else {
-    return {forward_coeffs(c, mean, invstd, e.weight, e.bias), e.residual, e.activation_param};
+    return {mean[c], forward_coeffs(c, mean, invstd, e.weight, e.bias), e.residual,
+            e.activation_param};
   }
 }
 
 // Per-channel sums of the backward, over dz. The channel's total goes to sum_dy / sum_dy_xmu
 // (read by the elementwise kernel) and, when requested, to grad_weight / grad_bias in acc_t.
-template <Activation kAct, typename scalar_t, typename param_t, typename acc_t>
+template <Activation kAct, BackwardSource kSource, typename scalar_t, typename param_t,
+          typename acc_t>
 struct BackwardReduce {
   using Op = GradSumsOp<acc_t>;
-  struct Channel {
-    acc_t mean;
-    ActivationBackward<kAct, scalar_t, acc_t> act;
-  };
+  using Channel = ElementSource<kAct, kSource, scalar_t, acc_t>;
 
   const scalar_t* grad_output;
-  const scalar_t* input;
+  const scalar_t* saved;  // x or y, per kSource
   const acc_t* mean;
   const acc_t* invstd;
   EpilogueInputs<scalar_t, param_t, acc_t> epilogue;
@@ -478,15 +509,15 @@ struct BackwardReduce {
   acc_t* grad_bias;    // null: not requested
 
   CBN_DEVICE Channel channel(int64_t c) const {
-    return {mean[c], activation_backward<kAct>(c, mean, invstd, epilogue)};
+    return element_source<kAct, kSource>(c, mean, invstd, epilogue);
   }
 
   template <typename index_t>
   CBN_DEVICE void accumulate(GradSums<acc_t>& s, const Channel& ch, index_t off) const {
-    const acc_t x = static_cast<acc_t>(input[off]);
-    const acc_t dz = ch.act.grad(static_cast<acc_t>(grad_output[off]), x, off);
+    const acc_t v = static_cast<acc_t>(saved[off]);
+    const acc_t dz = ch.grad(static_cast<acc_t>(grad_output[off]), v, off);
     s.sum_dy += dz;
-    s.sum_dy_xmu += dz * (x - ch.mean);
+    s.sum_dy_xmu += dz * ch.centred(v);
   }
 
   CBN_DEVICE void finalize(int64_t c, const GradSums<acc_t>& s) const {
@@ -497,16 +528,18 @@ struct BackwardReduce {
   }
 };
 
-template <Activation kAct, typename scalar_t, typename param_t, typename acc_t, typename index_t>
+template <Activation kAct, BackwardSource kSource, typename scalar_t, typename param_t,
+          typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_backward_reduce_contiguous_kernel(
-    BackwardReduce<kAct, scalar_t, param_t, acc_t> policy, index_t N, index_t C, index_t HW,
-    int splits_n, acc_t* partial, unsigned* counters) {
+    BackwardReduce<kAct, kSource, scalar_t, param_t, acc_t> policy, index_t N, index_t C,
+    index_t HW, int splits_n, acc_t* partial, unsigned* counters) {
   reduce_contiguous(policy, N, C, HW, splits_n, partial, counters);
 }
 
-template <Activation kAct, typename scalar_t, typename param_t, typename acc_t, typename index_t>
+template <Activation kAct, BackwardSource kSource, typename scalar_t, typename param_t,
+          typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_backward_reduce_channels_last_kernel(
-    BackwardReduce<kAct, scalar_t, param_t, acc_t> policy, index_t rows, index_t C,
+    BackwardReduce<kAct, kSource, scalar_t, param_t, acc_t> policy, index_t rows, index_t C,
     acc_t* partial, unsigned* counters) {
   reduce_channels_last(policy, rows, C, partial, counters);
 }
@@ -532,53 +565,55 @@ struct ElementwiseGrads {
   scalar_t* grad_residual;  // dz: the residual enters z with slope 1
 };
 
-template <bool kTraining, Activation kAct, typename scalar_t, typename acc_t, typename index_t>
+template <bool kTraining, Activation kAct, BackwardSource kSource, typename scalar_t,
+          typename acc_t, typename index_t>
 CBN_DEVICE void backward_element(const BackwardCoeffs<acc_t>& k,
-                                 const ActivationBackward<kAct, scalar_t, acc_t>& act,
-                                 const scalar_t* grad_output, const scalar_t* input,
+                                 const ElementSource<kAct, kSource, scalar_t, acc_t>& source,
+                                 const scalar_t* grad_output, const scalar_t* saved,
                                  const ElementwiseGrads<scalar_t>& out, index_t off) {
-  // Only eval-mode identity gets by without x: its dx is a pure scale of dy.
-  acc_t x = acc_t(0);
-  if constexpr (kTraining || kAct != Activation::kIdentity) x = static_cast<acc_t>(input[off]);
-  const acc_t dz = act.grad(static_cast<acc_t>(grad_output[off]), x, off);
+  // Only eval-mode identity gets by without the saved value: its dx is a pure scale of dy.
+  acc_t v = acc_t(0);
+  if constexpr (kTraining || kAct != Activation::kIdentity) v = static_cast<acc_t>(saved[off]);
+  const acc_t dz = source.grad(static_cast<acc_t>(grad_output[off]), v, off);
   if (out.grad_residual != nullptr) out.grad_residual[off] = static_cast<scalar_t>(dz);
   if (out.grad_input == nullptr) return;
   if constexpr (kTraining) {
-    out.grad_input[off] = static_cast<scalar_t>(dz * k.k_dy + (x - k.mean) * k.k_x + k.k_c);
+    out.grad_input[off] =
+        static_cast<scalar_t>(dz * k.k_dy + source.centred(v) * k.k_x + k.k_c);
   } else {
     out.grad_input[off] = static_cast<scalar_t>(dz * k.k_dy);
   }
 }
 
-template <bool kTraining, Activation kAct, typename scalar_t, typename param_t, typename acc_t,
-          typename index_t>
+template <bool kTraining, Activation kAct, BackwardSource kSource, typename scalar_t,
+          typename param_t, typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_backward_elementwise_contiguous_kernel(
-    const scalar_t* grad_output, const scalar_t* input, ElementwiseGrads<scalar_t> out,
+    const scalar_t* grad_output, const scalar_t* saved, ElementwiseGrads<scalar_t> out,
     const acc_t* mean, const acc_t* invstd, EpilogueInputs<scalar_t, param_t, acc_t> epilogue,
     const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t count, index_t N, index_t C, index_t HW,
     int splits_n) {
   const int64_t c = dev::block_idx_x();
   const auto k =
       backward_coeffs<kTraining>(c, mean, invstd, epilogue.weight, sum_dy, sum_dy_xmu, count);
-  const auto act = activation_backward<kAct>(c, mean, invstd, epilogue);
+  const auto source = element_source<kAct, kSource>(c, mean, invstd, epilogue);
   for_each_contiguous(N, C, HW, splits_n, [&](index_t off) {
-    backward_element<kTraining>(k, act, grad_output, input, out, off);
+    backward_element<kTraining>(k, source, grad_output, saved, out, off);
   });
 }
 
-template <bool kTraining, Activation kAct, typename scalar_t, typename param_t, typename acc_t,
-          typename index_t>
+template <bool kTraining, Activation kAct, BackwardSource kSource, typename scalar_t,
+          typename param_t, typename acc_t, typename index_t>
 CBN_KERNEL void batch_norm_backward_elementwise_channels_last_kernel(
-    const scalar_t* grad_output, const scalar_t* input, ElementwiseGrads<scalar_t> out,
+    const scalar_t* grad_output, const scalar_t* saved, ElementwiseGrads<scalar_t> out,
     const acc_t* mean, const acc_t* invstd, EpilogueInputs<scalar_t, param_t, acc_t> epilogue,
     const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t count, index_t rows, index_t C) {
   const index_t c = channels_last_channel<index_t>();
   if (c >= C) return;  // no barrier below
   const auto k =
       backward_coeffs<kTraining>(c, mean, invstd, epilogue.weight, sum_dy, sum_dy_xmu, count);
-  const auto act = activation_backward<kAct>(c, mean, invstd, epilogue);
+  const auto source = element_source<kAct, kSource>(c, mean, invstd, epilogue);
   for_each_channels_last(rows, C, c, [&](index_t off) {
-    backward_element<kTraining>(k, act, grad_output, input, out, off);
+    backward_element<kTraining>(k, source, grad_output, saved, out, off);
   });
 }
 

@@ -203,37 +203,30 @@ void launch_transform(const Backend& backend, const ForwardArgs& a) {
   }
 }
 
-}  // namespace detail
-
-// custom_bn::batch_norm_act_forward on the backend's device (contract of ops/batch_norm.h):
-// y = act(BN(x) + residual), residual optional.
+// The forward after its checks: act(BN(input) + residual) written into output, both contiguous
+// in fmt; returns (save_mean, save_invstd). output may be input itself (the in-place mode): the
+// statistics kernel has read all of input before the transform, a later launch on the same
+// stream, overwrites it.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
-    const Backend& backend, const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
+std::tuple<at::Tensor, at::Tensor> forward_into(
+    const Backend& backend, const at::Tensor& input, const at::Tensor& output,
+    at::MemoryFormat fmt, at::ScalarType param_dtype, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual_arg,
     bool training, double momentum, double eps, Activation activation,
     double activation_param) {
-  using namespace detail;
-  const at::ScalarType param_dtype = check_batch_norm_forward_args(
-      input_arg, weight, bias, running_mean, running_var, training, momentum, eps);
-  check_residual("custom_bn.batch_norm", input_arg, residual_arg);
-  const typename Backend::DeviceGuard device_guard(input_arg.device());
-  const auto fmt = batch_norm_memory_format(input_arg);
-  const at::Tensor input = input_arg.contiguous(fmt);
   const auto acc_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
   const Geometry g = geometry_of(input, fmt);
-  at::Tensor output = at::empty_like(input, input.options(), fmt);
   at::Tensor save_mean = at::empty({g.c}, acc_options);
   at::Tensor save_invstd = at::empty({g.c}, acc_options);
-  if (g.c == 0) return {output, save_mean, save_invstd};
+  if (g.c == 0) return {save_mean, save_invstd};
 
   // An empty batch has no statistics: training reports zeros and leaves the running stats
   // alone; evaluation statistics do not depend on the batch, so they are reported as usual.
   if (input.numel() == 0 && training) {
     save_mean.zero_();
     save_invstd.zero_();
-    return {output, save_mean, save_invstd};
+    return {save_mean, save_invstd};
   }
 
   const auto weight_dense = dense(weight), bias_dense = dense(bias);
@@ -260,7 +253,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
           });
         });
       });
+  return {save_mean, save_invstd};
+}
+
+}  // namespace detail
+
+// custom_bn::batch_norm_act_forward on the backend's device (contract of ops/batch_norm.h):
+// y = act(BN(x) + residual), residual optional.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
+    const Backend& backend, const at::Tensor& input_arg, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
+    bool training, double momentum, double eps, Activation activation,
+    double activation_param) {
+  const at::ScalarType param_dtype = check_batch_norm_forward_args(
+      input_arg, weight, bias, running_mean, running_var, training, momentum, eps);
+  check_residual("custom_bn.batch_norm", input_arg, residual);
+  const typename Backend::DeviceGuard device_guard(input_arg.device());
+  const auto fmt = batch_norm_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous(fmt);
+  at::Tensor output = at::empty_like(input, input.options(), fmt);
+  auto [save_mean, save_invstd] = detail::forward_into(
+      backend, input, output, fmt, param_dtype, weight, bias, running_mean, running_var, residual,
+      training, momentum, eps, activation, activation_param);
   return {output, save_mean, save_invstd};
+}
+
+// custom_bn::batch_norm_act_inplace_forward on the backend's device (contract of
+// ops/batch_norm.h): act(BN(input)) written into input; returns (save_mean, save_invstd). It takes
+// the activation's name, so that the check that it is invertible belongs to the sequence both
+// backends run.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward(
+    const Backend& backend, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double activation_param) {
+  const at::ScalarType param_dtype = check_batch_norm_forward_args(
+      input, weight, bias, running_mean, running_var, training, momentum, eps);
+  const Activation act =
+      parse_inplace_activation("custom_bn.batch_norm", activation, activation_param);
+  const typename Backend::DeviceGuard device_guard(input.device());
+  const auto fmt = batch_norm_memory_format(input);
+  // input itself when it is dense in fmt, and the kernels then read and overwrite it; any other
+  // layout is normalized in a dense copy, copied back at the end.
+  const at::Tensor dense_input = input.contiguous(fmt);
+  auto stats = detail::forward_into(backend, dense_input, dense_input, fmt, param_dtype, weight,
+                                    bias, running_mean, running_var, c10::nullopt, training,
+                                    momentum, eps, act, activation_param);
+  if (!dense_input.is_same(input)) input.copy_(dense_input);
+  return stats;
 }
 
 // custom_bn::batch_norm_forward: the fused forward without residual, activation the identity.
@@ -279,9 +322,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
 
 namespace detail {
 
+using cuda_kernels::BackwardSource;
+
 struct BackwardArgs {
   const at::Tensor& grad_output;  // both contiguous in input's memory format
-  const at::Tensor& input;
+  const at::Tensor& saved;        // x, or the forward's output y in the in-place mode
   const c10::optional<at::Tensor>& weight;
   const c10::optional<at::Tensor>& bias;
   const c10::optional<at::Tensor>& residual;  // as input; none for the identity
@@ -307,17 +352,17 @@ cuda_kernels::EpilogueInputs<scalar_t, param_t, at::opmath_type<scalar_t>> epilo
           static_cast<acc_t>(a.activation_param)};
 }
 
-template <Activation kAct, typename scalar_t, typename param_t, typename index_t,
-          typename Backend>
+template <Activation kAct, BackwardSource kSource, typename scalar_t, typename param_t,
+          typename index_t, typename Backend>
 void launch_backward_reduce(const Backend& backend, const BackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
   const LaunchConfig cfg =
       backward_reduce_launch(g, sizeof(acc_t), backend.num_sms(), backend.tuning());
   const ReduceWorkspace ws = reduce_workspace(cfg, g, 2, a.save_mean.options());
-  const cuda_kernels::BackwardReduce<kAct, scalar_t, param_t, acc_t> policy{
+  const cuda_kernels::BackwardReduce<kAct, kSource, scalar_t, param_t, acc_t> policy{
       a.grad_output.const_data_ptr<scalar_t>(),
-      a.input.const_data_ptr<scalar_t>(),
+      a.saved.const_data_ptr<scalar_t>(),
       a.save_mean.const_data_ptr<acc_t>(),
       a.save_invstd.const_data_ptr<acc_t>(),
       epilogue_inputs<scalar_t, param_t>(a),
@@ -327,24 +372,25 @@ void launch_backward_reduce(const Backend& backend, const BackwardArgs& a) {
       ptr_or_null<acc_t>(a.grad_bias)};
   if (g.layout == Layout::kContiguous) {
     backend.template launch<&cuda_kernels::batch_norm_backward_reduce_contiguous_kernel<
-        kAct, scalar_t, param_t, acc_t, index_t>>(cfg, policy, index_t(g.n), index_t(g.c),
-                                                  index_t(g.hw), cfg.splits_n,
-                                                  ws.partial_ptr<acc_t>(), ws.counters_ptr());
+        kAct, kSource, scalar_t, param_t, acc_t, index_t>>(
+        cfg, policy, index_t(g.n), index_t(g.c), index_t(g.hw), cfg.splits_n,
+        ws.partial_ptr<acc_t>(), ws.counters_ptr());
   } else {
     backend.template launch<&cuda_kernels::batch_norm_backward_reduce_channels_last_kernel<
-        kAct, scalar_t, param_t, acc_t, index_t>>(cfg, policy, index_t(g.rows()), index_t(g.c),
-                                                  ws.partial_ptr<acc_t>(), ws.counters_ptr());
+        kAct, kSource, scalar_t, param_t, acc_t, index_t>>(
+        cfg, policy, index_t(g.rows()), index_t(g.c), ws.partial_ptr<acc_t>(),
+        ws.counters_ptr());
   }
 }
 
-template <bool kTraining, Activation kAct, typename scalar_t, typename param_t, typename index_t,
-          typename Backend>
+template <bool kTraining, Activation kAct, BackwardSource kSource, typename scalar_t,
+          typename param_t, typename index_t, typename Backend>
 void launch_backward_elementwise(const Backend& backend, const BackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
   const LaunchConfig cfg = elementwise_launch(g, backend.num_sms(), backend.tuning());
   const scalar_t* dy = a.grad_output.const_data_ptr<scalar_t>();
-  const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+  const scalar_t* saved = a.saved.const_data_ptr<scalar_t>();
   const cuda_kernels::ElementwiseGrads<scalar_t> out{
       a.grad_input != nullptr ? a.grad_input->data_ptr<scalar_t>() : nullptr,
       a.grad_residual != nullptr ? a.grad_residual->data_ptr<scalar_t>() : nullptr};
@@ -356,70 +402,79 @@ void launch_backward_elementwise(const Backend& backend, const BackwardArgs& a) 
   const acc_t count = static_cast<acc_t>(g.count());
   if (g.layout == Layout::kContiguous) {
     backend.template launch<&cuda_kernels::batch_norm_backward_elementwise_contiguous_kernel<
-        kTraining, kAct, scalar_t, param_t, acc_t, index_t>>(
-        cfg, dy, x, out, mean, invstd, epilogue, sum_dy, sum_dy_xmu, count, index_t(g.n),
+        kTraining, kAct, kSource, scalar_t, param_t, acc_t, index_t>>(
+        cfg, dy, saved, out, mean, invstd, epilogue, sum_dy, sum_dy_xmu, count, index_t(g.n),
         index_t(g.c), index_t(g.hw), cfg.splits_n);
   } else {
     backend.template launch<&cuda_kernels::batch_norm_backward_elementwise_channels_last_kernel<
-        kTraining, kAct, scalar_t, param_t, acc_t, index_t>>(
-        cfg, dy, x, out, mean, invstd, epilogue, sum_dy, sum_dy_xmu, count, index_t(g.rows()),
-        index_t(g.c));
+        kTraining, kAct, kSource, scalar_t, param_t, acc_t, index_t>>(
+        cfg, dy, saved, out, mean, invstd, epilogue, sum_dy, sum_dy_xmu, count,
+        index_t(g.rows()), index_t(g.c));
   }
 }
 
-template <Activation kAct, typename scalar_t, typename param_t, typename index_t,
-          typename Backend>
+template <Activation kAct, BackwardSource kSource, typename scalar_t, typename param_t,
+          typename index_t, typename Backend>
 void run_backward(const Backend& backend, const BackwardArgs& a) {
-  if (a.sum_dy != nullptr) launch_backward_reduce<kAct, scalar_t, param_t, index_t>(backend, a);
+  if (a.sum_dy != nullptr) {
+    launch_backward_reduce<kAct, kSource, scalar_t, param_t, index_t>(backend, a);
+  }
   if (a.grad_input == nullptr && a.grad_residual == nullptr) return;
   // grad_residual alone (dz) needs no sums: the eval-mode kernel computes it without them.
   if (a.training && a.grad_input != nullptr) {
-    launch_backward_elementwise<true, kAct, scalar_t, param_t, index_t>(backend, a);
+    launch_backward_elementwise<true, kAct, kSource, scalar_t, param_t, index_t>(backend, a);
   } else {
-    launch_backward_elementwise<false, kAct, scalar_t, param_t, index_t>(backend, a);
+    launch_backward_elementwise<false, kAct, kSource, scalar_t, param_t, index_t>(backend, a);
   }
 }
 
-}  // namespace detail
+// Runs f(std::integral_constant<BackwardSource, source>{}). kOutput is instantiated only for the
+// activations the in-place mode admits (parse_inplace_activation).
+template <Activation kAct, typename F>
+void dispatch_source(BackwardSource source, F&& f) {
+  if (source == BackwardSource::kInput) {
+    f(std::integral_constant<BackwardSource, BackwardSource::kInput>{});
+    return;
+  }
+  if constexpr (kAct == Activation::kIdentity || kAct == Activation::kLeakyRelu ||
+                kAct == Activation::kElu) {
+    f(std::integral_constant<BackwardSource, BackwardSource::kOutput>{});
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "custom_bn: no in-place backward for activation ",
+                          static_cast<int>(kAct));
+  }
+}
 
-// custom_bn::batch_norm_act_backward on the backend's device (contract of ops/batch_norm.h):
-// z is recomputed from input, residual, weight, bias and the saved statistics; dz = dy * act'(z)
-// then takes dy's place in the batch-norm backward, and grad_residual = dz.
+// The backward after its checks, in either mode: the gradients of act(BN(x) + residual) from
+// grad_output and `saved`, which is x (kInput) or the forward's output y (kOutput, no residual).
+// output_mask: grad_input, grad_weight, grad_bias, grad_residual.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
-    const Backend& backend, const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
-    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& residual_arg, const at::Tensor& save_mean_arg,
-    const at::Tensor& save_invstd_arg, bool training, Activation activation,
-    double activation_param, std::array<bool, 4> output_mask) {
-  using namespace detail;
-  constexpr const char* op = "custom_bn.batch_norm_backward";
-  check_batch_norm_backward_args(grad_output_arg, input_arg, weight, save_mean_arg,
-                                 save_invstd_arg);
-  check_channel_counts(op, input_arg, {{&bias, "bias"}});
-  // The dtype of the pointers weight and bias are read through (either may be absent).
-  const at::ScalarType param_dtype =
-      check_channel_tensors(op, input_arg, {{&weight, "weight"}, {&bias, "bias"}});
-  check_residual(op, input_arg, residual_arg);
-  const typename Backend::DeviceGuard device_guard(input_arg.device());
-  const auto fmt = batch_norm_memory_format(input_arg);
-  const at::Tensor input = input_arg.contiguous(fmt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from(
+    const Backend& backend, BackwardSource source, const at::Tensor& grad_output_arg,
+    const at::Tensor& saved_arg, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual_arg,
+    const at::Tensor& save_mean_arg, const at::Tensor& save_invstd_arg, bool training,
+    at::ScalarType param_dtype, Activation activation, double activation_param,
+    std::array<bool, 4> output_mask) {
+  const typename Backend::DeviceGuard device_guard(saved_arg.device());
+  const auto fmt = batch_norm_memory_format(saved_arg);
+  const at::Tensor saved = saved_arg.contiguous(fmt);
   const at::Tensor grad_output = grad_output_arg.contiguous(fmt);
   const at::Tensor save_mean = save_mean_arg.contiguous();
   const at::Tensor save_invstd = save_invstd_arg.contiguous();
-  const auto acc_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
-  const auto grad_param_dtype = channel_gradient_dtype(input, weight);
-  const Geometry g = geometry_of(input, fmt);
+  const auto acc_options = saved.options().dtype(accumulate_dtype(saved.scalar_type()));
+  const auto grad_param_dtype = channel_gradient_dtype(saved, weight);
+  const Geometry g = geometry_of(saved, fmt);
 
   const auto gradient_like_input = [&](bool wanted) {
-    return wanted ? at::empty_like(input, input.options(), fmt) : unrequested_gradient(input);
+    return wanted ? at::empty_like(saved, saved.options(), fmt) : unrequested_gradient(saved);
   };
   at::Tensor grad_input = gradient_like_input(output_mask[0]);
   at::Tensor grad_residual = gradient_like_input(output_mask[3]);
-  if (input.numel() == 0) {
+  if (saved.numel() == 0) {
     const auto zeros = [&](bool wanted) {
-      return wanted ? at::zeros({g.c}, input.options().dtype(grad_param_dtype))
-                    : unrequested_gradient(input);
+      return wanted ? at::zeros({g.c}, saved.options().dtype(grad_param_dtype))
+                    : unrequested_gradient(saved);
     };
     return {grad_input, zeros(output_mask[1]), zeros(output_mask[2]), grad_residual};
   }
@@ -442,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
           ? c10::optional<at::Tensor>(residual_arg->contiguous(fmt))
           : c10::nullopt;
   const BackwardArgs args{grad_output,
-                          input,
+                          saved,
                           weight_dense,
                           bias_dense,
                           residual,
@@ -458,13 +513,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
                           output_mask[1] ? &grad_weight_acc : nullptr,
                           output_mask[2] ? &grad_bias_acc : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "custom_bn_batch_norm_backward_cuda", [&] {
+      at::kHalf, at::kBFloat16, saved.scalar_type(), "custom_bn_batch_norm_backward_cuda", [&] {
         dispatch_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
           using param_t = decltype(param_tag);
-          dispatch_index_type(input, backend.tuning(), [&](auto index_tag) {
+          dispatch_index_type(saved, backend.tuning(), [&](auto index_tag) {
             using index_t = decltype(index_tag);
             dispatch_activation(activation, [&](auto act_tag) {
-              run_backward<decltype(act_tag)::value, scalar_t, param_t, index_t>(backend, args);
+              constexpr Activation kAct = decltype(act_tag)::value;
+              dispatch_source<kAct>(source, [&](auto source_tag) {
+                run_backward<kAct, decltype(source_tag)::value, scalar_t, param_t, index_t>(
+                    backend, args);
+              });
             });
           });
         });
@@ -473,9 +532,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
   // The sums are kept in acc_t; the gradients take the parameters' dtype (no copy when that
   // already is acc_t).
   return {grad_input,
-          output_mask[1] ? grad_weight_acc.to(grad_param_dtype) : unrequested_gradient(input),
-          output_mask[2] ? grad_bias_acc.to(grad_param_dtype) : unrequested_gradient(input),
+          output_mask[1] ? grad_weight_acc.to(grad_param_dtype) : unrequested_gradient(saved),
+          output_mask[2] ? grad_bias_acc.to(grad_param_dtype) : unrequested_gradient(saved),
           grad_residual};
+}
+
+}  // namespace detail
+
+// custom_bn::batch_norm_act_backward on the backend's device (contract of ops/batch_norm.h):
+// z is recomputed from input, residual, weight, bias and the saved statistics; dz = dy * act'(z)
+// then takes dy's place in the batch-norm backward, and grad_residual = dz.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
+    const Backend& backend, const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, Activation activation,
+    double activation_param, std::array<bool, 4> output_mask) {
+  constexpr const char* op = "custom_bn.batch_norm_backward";
+  check_batch_norm_backward_args(grad_output, input, weight, save_mean, save_invstd);
+  check_channel_counts(op, input, {{&bias, "bias"}});
+  // The dtype of the pointers weight and bias are read through (either may be absent).
+  const at::ScalarType param_dtype =
+      check_channel_tensors(op, input, {{&weight, "weight"}, {&bias, "bias"}});
+  check_residual(op, input, residual);
+  return detail::backward_from(backend, detail::BackwardSource::kInput, grad_output, input,
+                               weight, bias, residual, save_mean, save_invstd, training,
+                               param_dtype, activation, activation_param, output_mask);
+}
+
+// custom_bn::batch_norm_act_inplace_backward on the backend's device (contract of
+// ops/batch_norm.h): the backward of batch_norm_act_inplace_forward from its output alone.
+// z = act^-1(output) and x - mean = (z - bias) / (weight * save_invstd) take the places of the
+// recomputed z and x - mean; the rest is batch_norm_act_backward. Takes the activation's name,
+// as the in-place forward does.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward(
+    const Backend& backend, const at::Tensor& grad_output, const at::Tensor& output,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    c10::string_view activation, double activation_param, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "custom_bn.batch_norm_backward";
+  check_batch_norm_backward_args(grad_output, output, weight, save_mean, save_invstd);
+  check_channel_counts(op, output, {{&bias, "bias"}});
+  const at::ScalarType param_dtype =
+      check_channel_tensors(op, output, {{&weight, "weight"}, {&bias, "bias"}});
+  const Activation act = parse_inplace_activation(op, activation, activation_param);
+  check_inplace_weight(op, weight);
+  auto [grad_input, grad_weight, grad_bias, unused] = detail::backward_from(
+      backend, detail::BackwardSource::kOutput, grad_output, output, weight, bias, c10::nullopt,
+      save_mean, save_invstd, training, param_dtype, act, activation_param,
+      {output_mask[0], output_mask[1], output_mask[2], false});
+  return {grad_input, grad_weight, grad_bias};
 }
 
 // custom_bn::batch_norm_backward: the fused backward without residual, activation the identity.

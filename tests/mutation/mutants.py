@@ -51,8 +51,8 @@ MUTANTS = [
     Mutant(
         "cuda-dx-drop-kc",
         CUH,
-        "static_cast<scalar_t>(dz * k.k_dy + (x - k.mean) * k.k_x + k.k_c);",
-        "static_cast<scalar_t>(dz * k.k_dy + (x - k.mean) * k.k_x);",
+        "static_cast<scalar_t>(dz * k.k_dy + source.centred(v) * k.k_x + k.k_c);",
+        "static_cast<scalar_t>(dz * k.k_dy + source.centred(v) * k.k_x);",
         "CUDA backward_element: grad_input without the -w*invstd*mean(dy) term",
         (EMULATOR,),
     ),
@@ -298,6 +298,14 @@ MUTANTS = [
         "  return {alpha, acc_t(0) * b};",
         "in-place backward: x - mean recovered from z without subtracting the bias",
         (INPLACE,),
+    ),
+    Mutant(
+        "cuda-inplace-centred-drops-beta",
+        CUH,
+        "      return activation_inverse(kAct, activation_param, v) * k.alpha + k.beta;",
+        "      return activation_inverse(kAct, activation_param, v) * k.alpha;",
+        "CUDA in-place backward: x - mean recovered without the -bias/(w invstd) term",
+        (EMULATOR,),
     ),
     Mutant(
         "inplace-leaky-inverse-ignores-slope",

@@ -1,9 +1,10 @@
 #pragma once
-// custom_bn::batch_norm_forward / batch_norm_backward and the fused batch_norm_act_forward /
-// batch_norm_act_backward as the CUDA build runs them (argument checks, launch sequence, launch
-// configurations, kernel bodies), executed on CPU tensors by the emulator. Same contract as
-// csrc/ops/batch_norm.h (the activation already parsed, as the CUDA launchers pass it); `device`
-// says which GPU to pretend to be.
+// custom_bn::batch_norm_forward / batch_norm_backward, the fused batch_norm_act_forward /
+// batch_norm_act_backward and the in-place batch_norm_act_inplace_forward / _backward as the CUDA
+// build runs them (argument checks, launch sequence, launch configurations, kernel bodies),
+// executed on CPU tensors by the emulator. Same contract as csrc/ops/batch_norm.h (the activation
+// already parsed, as the CUDA launchers pass it, except for the in-place operators, whose launch
+// sequence checks the name itself); `device` says which GPU to pretend to be.
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
@@ -38,6 +39,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
     const c10::optional<at::Tensor>& residual, const at::Tensor& save_mean,
     const at::Tensor& save_invstd, bool training, Activation activation, double activation_param,
     std::array<bool, 4> output_mask);
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward(
+    const EmulatedDevice& device, at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double activation_param);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward(
+    const EmulatedDevice& device, const at::Tensor& grad_output, const at::Tensor& output,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    c10::string_view activation, double activation_param, std::array<bool, 3> output_mask);
 
 }  // namespace emulator
 }  // namespace custom_bn

@@ -24,5 +24,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
                                               activation, activation_param, output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward(
+    const EmulatedDevice& device, const at::Tensor& grad_output, const at::Tensor& output,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    c10::string_view activation, double activation_param, std::array<bool, 3> output_mask) {
+  return cuda_launch::batch_norm_act_inplace_backward(EmulatorBackend(device), grad_output, output,
+                                                      weight, bias, save_mean, save_invstd,
+                                                      training, activation, activation_param,
+                                                      output_mask);
+}
+
 }  // namespace emulator
 }  // namespace custom_bn

@@ -24,5 +24,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
                                              momentum, eps, activation, activation_param);
 }
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward(
+    const EmulatedDevice& device, at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double activation_param) {
+  return cuda_launch::batch_norm_act_inplace_forward(EmulatorBackend(device), input, weight, bias,
+                                                     running_mean, running_var, training,
+                                                     momentum, eps, activation, activation_param);
+}
+
 }  // namespace emulator
 }  // namespace custom_bn

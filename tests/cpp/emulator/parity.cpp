@@ -65,11 +65,23 @@ const char* activation_name(Activation a) {
 std::string ParityCase::name() const {
   std::ostringstream os;
   if (fused) os << "fused_" << activation_name(activation) << (residual ? "_residual_" : "_");
+  if (inplace) {
+    os << "inplace_" << activation_name(activation);
+    if (activation != Activation::kIdentity) {
+      std::ostringstream param;
+      param << activation_param;
+      std::string p = param.str();
+      std::replace(p.begin(), p.end(), '.', 'p');  // test names take no dots
+      os << p;
+    }
+    os << "_";
+  }
   os << c10::toString(dtype);
   if (param_dtype != dtype) os << "_params" << c10::toString(param_dtype);
   os << "_" << shape_name(shape) << (channels_last ? "_channels_last" : "")
      << (training ? "_train" : "_eval") << (affine ? "" : "_noaffine")
-     << (running_stats ? "" : "_norunning") << (strided_channel_tensors ? "_strided" : "");
+     << (running_stats ? "" : "_norunning") << (strided_channel_tensors ? "_strided" : "")
+     << (mixed_sign_weight ? "_mixed_sign" : "") << (strided_input ? "_strided_input" : "");
   return os.str();
 }
 
@@ -248,8 +260,9 @@ ErrorScales error_scales(const ForwardTerms& t, const at::Tensor& dy64, const at
   if (r_abs.defined()) s.pre_activation = s.pre_activation + r_abs;
   s.output = act.slope * s.pre_activation;
   // |dz| and the scale of its error.
-  const at::Tensor dz_abs =
-      c.fused ? dy64.abs() * (act.slope + act.curvature * s.pre_activation) : dy64.abs();
+  const at::Tensor dz_abs = c.fused || c.inplace
+                               ? dy64.abs() * (act.slope + act.curvature * s.pre_activation)
+                               : dy64.abs();
   s.grad_residual = dz_abs;
   if (c.training) {
     const at::Tensor mean_dz = mean_of(dz64), mean_dz_xhat = mean_of(dz64 * t.xhat);
@@ -316,20 +329,25 @@ ErrorScales error_scales(const ForwardTerms& t, const at::Tensor& dy64, const at
   return ::testing::AssertionFailure() << os.str();
 }
 
+// ATen's own activation of the case, differentiable.
+at::Tensor aten_activation(const ParityCase& c, const at::Tensor& z) {
+  switch (c.activation) {
+    case Activation::kIdentity: return z;
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kLeakyRelu: return at::leaky_relu(z, c.activation_param);
+    case Activation::kElu: return at::elu(z, c.activation_param);
+    case Activation::kSilu: return at::silu(z);
+  }
+  TORCH_CHECK(false, "aten_activation: ", activation_name(c.activation));
+}
+
 // The float64 reference of the fused epilogue at z: act(z) with ATen's own activation and its
 // derivative dy * act'(z) by autograd.
 std::pair<at::Tensor, at::Tensor> activation_reference(const ParityCase& c, const at::Tensor& z64,
                                                        const at::Tensor& dy64) {
   if (c.activation == Activation::kIdentity) return {z64, dy64};
   const at::Tensor z = z64.detach().requires_grad_(true);
-  at::Tensor y;
-  switch (c.activation) {
-    case Activation::kRelu: y = at::relu(z); break;
-    case Activation::kLeakyRelu: y = at::leaky_relu(z, c.activation_param); break;
-    case Activation::kElu: y = at::elu(z, c.activation_param); break;
-    case Activation::kSilu: y = at::silu(z); break;
-    default: TORCH_CHECK(false, "activation_reference: ", activation_name(c.activation));
-  }
+  const at::Tensor y = aten_activation(c, z);
   const auto grads = torch::autograd::grad({y}, {z}, {dy64});
   return {y.detach(), grads[0]};
 }
@@ -340,9 +358,9 @@ std::pair<at::Tensor, at::Tensor> activation_reference(const ParityCase& c, cons
 // 0 steps away from 0 (by at least one ulp of its dtype) until none is left; moving x shifts the
 // channel's statistics and with them every z a little, hence the rounds.
 bool has_kink(const ParityCase& c) {
-  return c.fused && (c.activation == Activation::kRelu ||
-                     c.activation == Activation::kLeakyRelu ||
-                     c.activation == Activation::kElu);
+  return (c.fused || c.inplace) &&
+         (c.activation == Activation::kRelu || c.activation == Activation::kLeakyRelu ||
+          c.activation == Activation::kElu);
 }
 
 struct Inputs {
@@ -399,8 +417,9 @@ Inputs make_inputs(const ParityCase& c, at::MemoryFormat fmt) {
   Inputs in;
   in.x = channel_varied_input(c.shape, c.dtype).contiguous(fmt);
   if (c.affine) {
-    in.weight = channel_tensor(at::randn({C}, f64) * 0.5 + 1.0, c.param_dtype,
-                               c.strided_channel_tensors);
+    at::Tensor w = at::randn({C}, f64) * 0.5 + 1.0;
+    if (c.mixed_sign_weight) w.slice(0, 1, C, 2).neg_();
+    in.weight = channel_tensor(w, c.param_dtype, c.strided_channel_tensors);
     in.bias = channel_tensor(at::randn({C}, f64), c.param_dtype, c.strided_channel_tensors);
   }
   if (c.running_stats) {
@@ -426,9 +445,157 @@ Inputs make_inputs(const ParityCase& c, at::MemoryFormat fmt) {
   return failure << "an undefined tensor";
 }
 
+// The input of an in-place case as the operator gets it: a dense copy of x, or with
+// strided_input a view of every other element along the last dimension of a larger tensor in
+// the same memory format, whose other elements hold kSentinel.
+constexpr double kSentinel = 123.0;
+
+struct InPlaceInput {
+  at::Tensor input;       // overwritten by the forward
+  at::Tensor neighbours;  // strided_input: the elements between input's, which must stay put
+};
+
+InPlaceInput inplace_input(const ParityCase& c, const at::Tensor& x, at::MemoryFormat fmt) {
+  if (!c.strided_input) return {x.clone(fmt), at::Tensor()};
+  std::vector<int64_t> shape = c.shape;
+  const int64_t last = static_cast<int64_t>(shape.size()) - 1;
+  shape[last] *= 2;
+  const at::Tensor storage = at::full(shape, kSentinel, x.options()).contiguous(fmt);
+  InPlaceInput in{storage.slice(last, 0, shape[last], 2), storage.slice(last, 1, shape[last], 2)};
+  in.input.copy_(x);
+  return in;
+}
+
+// The in-place operators, emulated and on the CPU kernels, each against float64 autograd of
+// act(at::batch_norm(x)): the input overwritten with the output, the saved and running
+// statistics, and each mask's gradients computed from that output alone. Their error scales are
+// the fused operators', except that the backward's x - mean comes from y: its error is y's
+// (within y's bound) divided by the activation's slope at z and by |w| (z = w * xhat + b
+// inverted).
+::testing::AssertionResult check_inplace_parity(const ParityCase& c) {
+  const auto fmt = c.channels_last ? channels_last_format(static_cast<int64_t>(c.shape.size()))
+                                   : at::MemoryFormat::Contiguous;
+  Inputs in = make_inputs(c, fmt);
+  if (has_kink(c) && !move_off_kink(in, c, fmt)) {
+    return ::testing::AssertionFailure() << "inputs: some z stayed at the activation's kink";
+  }
+  const at::ScalarType acc_dtype = c.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType grad_param_dtype = c.affine ? c.param_dtype : acc_dtype;
+  const std::string act = activation_name(c.activation);
+  Checker check;
+  try {
+    dev::emu::ScopedSchedule schedule(c.schedule);
+    const at::Tensor x64 = in.x.to(at::kDouble), dy64 = in.dy.to(at::kDouble);
+    const OptTensor w64 = to_double(in.weight), b64 = to_double(in.bias);
+    const OptTensor rm_before = to_double(in.running_mean), rv_before = to_double(in.running_var);
+    const ForwardTerms terms = forward_terms(x64, w64, b64, rm_before, rv_before, c);
+
+    // Reference: autograd through ATen's batch_norm (which updates its own copy of the running
+    // stats: to_double of float64 ones is no copy) and activation. Without affine parameters,
+    // weight 1 and bias 0 stand in for them: the operator's grad_weight and grad_bias are then
+    // the gradients at those.
+    OptTensor rm_ref = clone_like(rm_before), rv_ref = clone_like(rv_before);
+    const int64_t C = c.shape[1];
+    const std::vector<at::Tensor> leaves = {
+        x64.clone().requires_grad_(true),
+        (c.affine ? w64->clone() : at::ones({C}, x64.options())).requires_grad_(true),
+        (c.affine ? b64->clone() : at::zeros({C}, x64.options())).requires_grad_(true)};
+    const at::Tensor bn = at::batch_norm(leaves[0], leaves[1], leaves[2], rm_ref, rv_ref,
+                                         c.training, c.momentum, c.eps, /*cudnn_enabled=*/false);
+    const at::Tensor y_graph = aten_activation(c, bn);
+    const auto grads_ref = torch::autograd::grad({y_graph}, leaves, {dy64});
+    const at::Tensor y_ref = y_graph.detach();
+    const at::Tensor z_ref = bn.detach();
+    const at::Tensor dz_ref = activation_reference(c, z_ref, dy64).second;
+    const at::Tensor slope = activation_reference(c, z_ref, at::ones_like(z_ref)).second.abs();
+
+    const ErrorScales forward_scale =
+        error_scales(terms, dy64, dz_ref, at::Tensor(), rm_before, rv_before, c);
+    // y's error is within y's bound, in units of its dtype's rtol; a gradient of another dtype
+    // (the float parameter gradients of float16 input) states it in units of its own.
+    const auto backward_scales = [&](at::ScalarType result_dtype) {
+      ForwardTerms recovered = terms;
+      recovered.xhat_scale = forward_scale.output / (slope * terms.w) *
+                             (bound_tolerance(c.dtype).rtol / bound_tolerance(result_dtype).rtol);
+      return error_scales(recovered, dy64, dz_ref, at::Tensor(), rm_before, rv_before, c);
+    };
+    const ErrorScales input_scale = backward_scales(c.dtype);
+    const ErrorScales param_scale = backward_scales(grad_param_dtype);
+
+    // Forward: emulated CUDA and CPU kernel, each overwriting its own copy of the input.
+    InPlaceInput x = inplace_input(c, in.x, fmt), x_cpu = inplace_input(c, in.x, fmt);
+    OptTensor rm = clone_like(in.running_mean), rv = clone_like(in.running_var);
+    OptTensor rm_cpu = clone_like(in.running_mean), rv_cpu = clone_like(in.running_var);
+    const auto [mean, invstd] = batch_norm_act_inplace_forward(
+        c.device, x.input, in.weight, in.bias, rm, rv, c.training, c.momentum, c.eps, act,
+        c.activation_param);
+    const auto [mean_cpu, invstd_cpu] = custom_bn::batch_norm_act_inplace_forward(
+        x_cpu.input, in.weight, in.bias, rm_cpu, rv_cpu, c.training, c.momentum, c.eps, act,
+        c.activation_param);
+    check.expect(agree("output (the overwritten input)", x.input, x_cpu.input, c.dtype, y_ref,
+                       forward_scale.output));
+    for (const at::Tensor& neighbours : {x.neighbours, x_cpu.neighbours}) {
+      check.expect_true(!neighbours.defined() || neighbours.eq(kSentinel).all().item<bool>(),
+                        "a forward wrote between the elements of its strided input");
+    }
+    check.expect(agree("save_mean", mean, mean_cpu, acc_dtype, terms.mean.flatten(),
+                       forward_scale.mean));
+    check.expect(agree("save_invstd", invstd, invstd_cpu, acc_dtype, terms.invstd.flatten(),
+                       forward_scale.invstd));
+    if (c.running_stats) {
+      check.expect(agree("running_mean", *rm, *rm_cpu, c.param_dtype, *rm_ref,
+                         forward_scale.running_mean));
+      check.expect(agree("running_var", *rv, *rv_cpu, c.param_dtype, *rv_ref,
+                         forward_scale.running_var));
+    }
+
+    // Backward, each path from its own output and saved statistics.
+    const BackwardFault& f = c.fault;
+    const std::string backward_act = activation_name(f.activation.value_or(c.activation));
+    for (const auto& m : c.masks) {
+      const std::array<bool, 3> mask = {m[0], m[1], m[2]};
+      std::ostringstream which;
+      which << " [mask " << mask[0] << mask[1] << mask[2] << "]";
+      const auto [dx, dw, db] = batch_norm_act_inplace_backward(
+          c.device, in.dy, x.input, in.weight, f.drop_bias ? OptTensor() : in.bias, mean, invstd,
+          c.training, backward_act, f.activation_param.value_or(c.activation_param), mask);
+      const auto [dx_cpu, dw_cpu, db_cpu] = custom_bn::batch_norm_act_inplace_backward(
+          in.dy, x_cpu.input, in.weight, in.bias, mean_cpu, invstd_cpu, c.training, c.eps, act,
+          c.activation_param, mask);
+      if (mask[0]) {
+        check.expect(agree("grad_input" + which.str(), dx, dx_cpu, c.dtype, grads_ref[0],
+                           input_scale.grad_input));
+        check.expect_true(dx.strides() == in.x.strides() && dx_cpu.strides() == in.x.strides(),
+                          "grad_input strides differ from the dense input's" + which.str());
+      } else {
+        check.expect(unrequested("grad_input" + which.str(), dx));
+        check.expect(unrequested("grad_input (CPU kernel)" + which.str(), dx_cpu));
+      }
+      if (mask[1]) {
+        check.expect(agree("grad_weight" + which.str(), dw, dw_cpu, grad_param_dtype,
+                           grads_ref[1], param_scale.grad_weight));
+      } else {
+        check.expect(unrequested("grad_weight" + which.str(), dw));
+        check.expect(unrequested("grad_weight (CPU kernel)" + which.str(), dw_cpu));
+      }
+      if (mask[2]) {
+        check.expect(agree("grad_bias" + which.str(), db, db_cpu, grad_param_dtype, grads_ref[2],
+                           param_scale.grad_bias));
+      } else {
+        check.expect(unrequested("grad_bias" + which.str(), db));
+        check.expect(unrequested("grad_bias (CPU kernel)" + which.str(), db_cpu));
+      }
+    }
+  } catch (const dev::emu::EmulatorError& e) {
+    return ::testing::AssertionFailure() << "emulator: " << e.what();
+  }
+  return check.result();
+}
+
 }  // namespace
 
 ::testing::AssertionResult check_parity(const ParityCase& c) {
+  if (c.inplace) return check_inplace_parity(c);
   const auto fmt = c.channels_last ? channels_last_format(static_cast<int64_t>(c.shape.size()))
                                    : at::MemoryFormat::Contiguous;
   Inputs in = make_inputs(c, fmt);

@@ -5,7 +5,9 @@
 // at::native_batch_norm_backward, and for the fused operators + residual, then at::relu /
 // leaky_relu / elu / silu with autograd for their derivative) within a per-dtype bound: outputs,
 // saved statistics, running statistics, all requested gradients, and the memory format of
-// every result.
+// every result. The in-place operators (batch_norm_act_inplace_forward / _backward) are checked
+// the same way, emulated only, against float64 autograd through at::batch_norm and the
+// activation.
 #include <ATen/core/ScalarType.h>
 #include <gtest/gtest.h>
 
@@ -25,12 +27,14 @@ namespace custom_bn {
 namespace emulator {
 
 // A deliberate bug for the harness's own tests (test_deliberate_bugs.cpp): the emulated
-// backward differentiates another activation (or parameter) than the forward applied, or
-// recomputes z without the residual, as a kernel with that bug would.
+// backward differentiates (or, in place, inverts) another activation or parameter than the
+// forward applied, recomputes z without the residual, or recovers the in-place input without
+// the bias, as a kernel with that bug would.
 struct BackwardFault {
   c10::optional<Activation> activation;
   c10::optional<double> activation_param;
   bool drop_residual = false;
+  bool drop_bias = false;
 };
 
 struct ParityCase {
@@ -50,6 +54,11 @@ struct ParityCase {
   Activation activation = Activation::kIdentity;
   double activation_param = 0.0;  // leaky_relu: negative slope; elu: alpha
   bool residual = false;
+  // The in-place operators: input overwritten with act(BN(input)) (no residual), the backward
+  // from that output. Their masks are a mask's first three entries.
+  bool inplace = false;
+  bool mixed_sign_weight = false;  // weight negative in every other channel
+  bool strided_input = false;      // input a non-dense view (the in-place copy-back path)
   BackwardFault fault;
   std::vector<std::array<bool, 4>> masks = {{true, true, true, false}};
   EmulatedDevice device;

@@ -7,7 +7,8 @@
 // comparison with the CPU kernels, and that the mutation really struck (its hit count).
 // The fused epilogue's backward is given a wrong derivative through its arguments instead (a
 // BackwardFault of parity.h): the real kernels then differentiate another activation than the
-// forward applied, or recompute z without the residual, exactly as a kernel with that bug would.
+// forward applied, or recompute z without the residual, exactly as a kernel with that bug would;
+// likewise the in-place backward recovers its input without the bias or with a wrong slope.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -167,6 +168,44 @@ std::vector<DerivativeBug> derivative_bugs() {
 
 TEST(DeliberateBugs, WrongActivationDerivativeIsCaught) {
   for (const DerivativeBug& bug : derivative_bugs()) {
+    ParityCase correct = bug.c;
+    correct.fault = BackwardFault{};
+    ASSERT_TRUE(check_parity(correct)) << "the unmutated kernels must pass: " << correct.name();
+    const ::testing::AssertionResult result = check_parity(bug.c);
+    EXPECT_FALSE(result) << bug.what << " went unnoticed (" << bug.c.name() << ")";
+    std::printf("[ caught   ] %s (%s):%s\n", bug.what,
+                bug.c.channels_last ? "channels-last" : "contiguous",
+                first_lines(result.message(), 2).c_str());
+  }
+}
+
+// The in-place backward works from the output alone, recovering x - mean = (z - b) / (w invstd)
+// with z = act^-1(y). Each bug breaks that recovery: the bias forgotten (z / (w invstd)), and
+// leaky_relu's output inverted and differentiated with a slope off by 0.05.
+std::vector<DerivativeBug> inplace_bugs() {
+  std::vector<DerivativeBug> bugs;
+  for (bool channels_last : {false, true}) {
+    ParityCase c = bug_case(channels_last ? std::vector<int64_t>{2, 40, 3, 3}
+                                          : std::vector<int64_t>{5, 17, 33},
+                            channels_last);
+    c.inplace = true;
+    c.activation = Activation::kLeakyRelu;
+    c.activation_param = 0.2;
+    c.mixed_sign_weight = true;
+
+    ParityCase no_bias = c;
+    no_bias.fault.drop_bias = true;
+    bugs.push_back({"x - mean recovered without the bias", no_bias});
+
+    ParityCase slope = c;
+    slope.fault.activation_param = 0.25;
+    bugs.push_back({"leaky_relu(0.2) inverted with slope 0.25", slope});
+  }
+  return bugs;
+}
+
+TEST(DeliberateBugs, WrongInPlaceRecoveryIsCaught) {
+  for (const DerivativeBug& bug : inplace_bugs()) {
     ParityCase correct = bug.c;
     correct.fault = BackwardFault{};
     ASSERT_TRUE(check_parity(correct)) << "the unmutated kernels must pass: " << correct.name();

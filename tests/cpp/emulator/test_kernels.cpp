@@ -231,6 +231,72 @@ std::vector<ParityCase> fused_cases() {
   return cases;
 }
 
+// The in-place operators (batch_norm_act_inplace_forward / _backward) against float64 autograd:
+// every invertible activation (leaky_relu with torch's default slope and a larger one, elu with
+// alpha 1 and one whose derivative jumps at 0), weights of both signs, both layouts dense (the
+// kernels overwrite the input itself) and as non-dense views (normalized in a copy that is
+// copied back), both modes, float64, float32, float16 with float parameters and bfloat16 with
+// its own. Besides all three gradients, in float64 each backward kernel alone: grad_input only
+// (in evaluation without the reduction) and the parameter gradients only.
+std::vector<ParityCase> inplace_cases() {
+  struct Epilogue {
+    Activation activation;
+    double param;
+  };
+  const std::vector<Epilogue> epilogues = {{Activation::kIdentity, 0.0},
+                                           {Activation::kLeakyRelu, 0.01},
+                                           {Activation::kLeakyRelu, 0.2},
+                                           {Activation::kElu, 1.0},
+                                           {Activation::kElu, 0.5}};
+  const std::vector<EmulatedDevice> devices = {gpu_defaults(), many_splits(), two_warp_splits(),
+                                               index64()};
+  const std::vector<std::pair<at::ScalarType, at::ScalarType>> inplace_dtypes = {
+      {at::kDouble, at::kDouble},
+      {at::kFloat, at::kFloat},
+      {at::kHalf, at::kFloat},
+      {at::kBFloat16, at::kBFloat16}};
+  std::vector<ParityCase> cases;
+  // Each epilogue below adds 8 cases (layout x mode x dense or not): the device shifts by one
+  // from one epilogue to the next, so that each of the 8 runs on every device.
+  const auto add = [&](const Layout& l, at::ScalarType dtype, at::ScalarType param_dtype,
+                       bool training, const Epilogue& e) -> ParityCase& {
+    const size_t i = cases.size();
+    const EmulatedDevice& device = devices[(i + i / 8) % devices.size()];
+    ParityCase c = make_case(l, dtype, param_dtype, training, device, 30000 + i);
+    c.inplace = true;
+    c.activation = e.activation;
+    c.activation_param = e.param;
+    c.mixed_sign_weight = true;
+    c.masks = {{true, true, true, false}};
+    if (dtype == at::kDouble) {
+      c.masks.push_back({true, false, false, false});
+      c.masks.push_back({false, true, true, false});
+    }
+    cases.push_back(c);
+    return cases.back();
+  };
+  for (const auto& [dtype, param_dtype] : inplace_dtypes) {
+    for (const Epilogue& e : epilogues) {
+      for (const Layout& l : {Layout{{5, 17, 33}, false}, Layout{{2, 40, 3, 3}, true}}) {
+        for (bool training : {true, false}) {
+          add(l, dtype, param_dtype, training, e);
+          add(l, dtype, param_dtype, training, e).strided_input = true;
+        }
+      }
+    }
+  }
+  // Without weight and bias (x - mean = z / invstd), without running stats, and with strided
+  // weight, bias and running stats.
+  for (const Epilogue& e : epilogues) {
+    ParityCase& no_affine = add({{5, 17, 33}, false}, at::kFloat, at::kFloat, true, e);
+    no_affine.affine = false;
+    no_affine.running_stats = false;
+    no_affine.mixed_sign_weight = false;
+    add({{2, 40, 3, 3}, true}, at::kFloat, at::kFloat, false, e).strided_channel_tensors = true;
+  }
+  return cases;
+}
+
 class EmulatedKernels : public ::testing::TestWithParam<ParityCase> {};
 
 TEST_P(EmulatedKernels, MatchCpuKernelsAndATen) { EXPECT_TRUE(check_parity(GetParam())); }
@@ -245,6 +311,8 @@ INSTANTIATE_TEST_SUITE_P(GpuSized, EmulatedKernels, ::testing::ValuesIn(gpu_size
 INSTANTIATE_TEST_SUITE_P(Arguments, EmulatedKernels, ::testing::ValuesIn(argument_cases()),
                          case_name);
 INSTANTIATE_TEST_SUITE_P(Fused, EmulatedKernels, ::testing::ValuesIn(fused_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(InPlace, EmulatedKernels, ::testing::ValuesIn(inplace_cases()),
+                         case_name);
 
 // The shrunken devices must do what they are for: split reductions over many blocks, blocks of
 // several warps, and the 64-bit kernels.
@@ -381,6 +449,78 @@ TEST(EmulatedLaunches, ChecksComeFirst) {
   EXPECT_TRUE(dev::emu::launch_log().empty());
 }
 
+// The in-place operators take only invertible activations, and their backward no zero weight
+// entry: c10::ValueError before anything is launched or written.
+TEST(EmulatedLaunches, InPlaceRejectsWhatItCannotInvert) {
+  const EmulatedDevice d = many_splits();
+  const at::Tensor x = channel_varied_input({4, 3, 5}, at::kFloat);
+  const at::Tensor rm = at::zeros({3}), rv = at::ones({3});
+  const at::Tensor mean = at::zeros({3}), invstd = at::ones({3});
+  struct Rejected {
+    const char* name;
+    double param;
+  };
+  for (const Rejected& a : {Rejected{"relu", 0.0}, Rejected{"silu", 0.0},
+                            Rejected{"leaky_relu", 0.0}, Rejected{"leaky_relu", -0.1},
+                            Rejected{"elu", 0.0}}) {
+    at::Tensor input = x.clone();
+    at::Tensor rm_call = rm.clone(), rv_call = rv.clone();
+    dev::emu::clear_launch_log();
+    EXPECT_THROW(batch_norm_act_inplace_forward(d, input, {}, {}, rm_call, rv_call, true, 0.1,
+                                                1e-5, a.name, a.param),
+                 c10::ValueError)
+        << a.name << " " << a.param;
+    EXPECT_THROW(batch_norm_act_inplace_backward(d, x, x, {}, {}, mean, invstd, true, a.name,
+                                                 a.param, {true, true, true}),
+                 c10::ValueError)
+        << a.name << " " << a.param;
+    EXPECT_TRUE(dev::emu::launch_log().empty());
+    EXPECT_TRUE(input.equal(x) && rm_call.equal(rm) && rv_call.equal(rv));
+  }
+  // The forward is fine with a zero weight (its outputs are the bias there); recovering x - mean
+  // from them is not.
+  const at::Tensor weight = at::tensor({1.0f, 0.0f, -2.0f});
+  at::Tensor input = x.clone();
+  EXPECT_NO_THROW(batch_norm_act_inplace_forward(d, input, weight, {}, {}, {}, true, 0.1, 1e-5,
+                                                 "leaky_relu", 0.01));
+  dev::emu::clear_launch_log();
+  EXPECT_THROW(batch_norm_act_inplace_backward(d, x, input, weight, {}, mean, invstd, true,
+                                               "leaky_relu", 0.01, {true, false, false}),
+               c10::ValueError);
+  EXPECT_TRUE(dev::emu::launch_log().empty());
+}
+
+// An empty batch in place: as the out-of-place forward (evaluation reports the running
+// statistics, training zeros and launches nothing), and the backward's parameter gradients are
+// zeros.
+TEST(EmulatedLaunches, InPlaceEmptyBatch) {
+  const EmulatedDevice d = many_splits();
+  at::Tensor x = at::empty({0, 3, 4});
+  const at::Tensor rm = at::randn({3}), rv = at::rand({3}) + 0.5;
+  dev::emu::clear_launch_log();
+  const auto [mean, invstd] =
+      batch_norm_act_inplace_forward(d, x, {}, {}, rm, rv, false, 0.1, 1e-5, "elu", 1.0);
+  ASSERT_EQ(dev::emu::launch_log().size(), 1u);
+  EXPECT_EQ(bare_kernel_name(dev::emu::launch_log()[0].kernel), "batch_norm_eval_stats_kernel");
+  EXPECT_TRUE(close("save_mean", mean, rm, tolerance_for(at::kFloat)));
+  EXPECT_TRUE(close("save_invstd", invstd, (rv + 1e-5).rsqrt(), tolerance_for(at::kFloat)));
+
+  dev::emu::clear_launch_log();
+  const at::Tensor rm_before = rm.clone();
+  const auto [mean2, invstd2] =
+      batch_norm_act_inplace_forward(d, x, {}, {}, rm, rv, true, 0.1, 1e-5, "leaky_relu", 0.2);
+  EXPECT_TRUE(dev::emu::launch_log().empty());
+  EXPECT_TRUE(mean2.eq(0).all().item<bool>() && invstd2.eq(0).all().item<bool>());
+  EXPECT_TRUE(rm.equal(rm_before));
+
+  const auto [dx, dw, db] = batch_norm_act_inplace_backward(
+      d, x, x, {}, {}, mean2, invstd2, true, "leaky_relu", 0.2, {true, true, true});
+  EXPECT_TRUE(dev::emu::launch_log().empty());
+  EXPECT_EQ(dx.sizes(), x.sizes());
+  EXPECT_TRUE(dw.eq(0).all().item<bool>() && db.eq(0).all().item<bool>());
+  EXPECT_EQ(dw.sizes(), at::IntArrayRef({3}));
+}
+
 // The kernels' results do not depend on how threads and blocks interleave: the same case under
 // different schedules gives bit-identical results. (A missing barrier would make them differ.)
 TEST(EmulatedLaunches, ResultsIndependentOfSchedule) {
@@ -430,9 +570,9 @@ std::vector<std::string> template_args(const std::string& instantiation) {
 }
 
 // Acceptance of issue 3: every __global__ kernel in kernels/cuda is launched by an emulated test,
-// for each input dtype, both index types, both modes and every activation where it has them. The kernels are read
-// from the sources, so a new kernel without an emulated test fails here. Checked when the whole
-// suite ran (a filtered run launches only part of them).
+// for each input dtype, both index types, both modes, every activation and both backward sources
+// where it has them. The kernels are read from the sources, so a new kernel without an emulated
+// test fails here. Checked when the whole suite ran (a filtered run launches only part of them).
 class KernelCoverage : public ::testing::Environment {
  public:
   void TearDown() override {
@@ -491,6 +631,17 @@ class KernelCoverage : public ::testing::Environment {
         for (const char* act : {"kIdentity", "kRelu", "kLeakyRelu", "kElu", "kSilu"}) {
           EXPECT_TRUE(all_args.count(std::string("custom_bn::Activation::") + act))
               << name << " was never launched with activation " << act;
+        }
+      }
+      // The backward kernels read x or, in place, the output y: both must run.
+      const bool has_source = std::any_of(all_args.begin(), all_args.end(), [](const auto& a) {
+        return a.find("BackwardSource::") != std::string::npos;
+      });
+      if (has_source) {
+        for (const char* source : {"kInput", "kOutput"}) {
+          EXPECT_TRUE(std::any_of(all_args.begin(), all_args.end(), [&](const auto& a) {
+            return a.ends_with(std::string("BackwardSource::") + source);
+          })) << name << " was never launched with source " << source;
         }
       }
       const auto& first = by_position.begin()->second;
