@@ -22,6 +22,7 @@ from .modules import (
     InPlaceBatchNormAct3d,
 )
 from .sync import SyncBatchNorm, convert_sync_batchnorm
+from .convert import convert_model
 from . import _interop  # noqa: F401  (torch.ao fusers, convert_sync_batchnorm warning)
 
 __version__ = "0.1.0"
@@ -40,5 +41,6 @@ __all__ = [
     "InPlaceBatchNormAct3d",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
+    "convert_model",
     "__version__",
 ]
