@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.14.1
-PY_PACKAGES := torch==$(TORCH_VERSION) pytest hypothesis numpy ninja scikit-learn tqdm matplotlib expecttest
+PY_PACKAGES := torch==$(TORCH_VERSION) pytest hypothesis numpy ninja scikit-learn tqdm matplotlib expecttest \
+  onnx onnxscript onnxruntime
 DEBIAN_PACKAGES := libgtest-dev cmake ninja-build
-SETUP_STAMP := $(VENV)/.custom_bn-setup-$(TORCH_VERSION)
+# Named after the package list, so a change to it installs again.
+SETUP_STAMP := $(VENV)/.custom_bn-setup-$(shell echo '$(PY_PACKAGES)' | md5sum | cut -c1-8)
 CMAKE_BUILD := build/cmake
 CMAKE_INSTALL := build/install
 export MAX_JOBS ?= $(shell nproc)

@@ -7,6 +7,7 @@
 
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "../kernels/common/activation.h"
 #include "../kernels/common/geometry.h"
@@ -250,6 +251,36 @@ inline void check_inplace_weight(const char* op, const c10::optional<at::Tensor>
                     ": the in-place mode recovers the normalized input as (z - bias) / weight, "
                     "so weight must have no zero entries, got ", zeros, " of ", weight->numel(),
                     " (use BatchNormAct, which keeps its input)");
+}
+
+// SyncBatchNorm's backward pieces (batch_norm_backward_reduce / _elemt): batch_norm_act_backward's
+// checks with (mean, invstd) in the place of (save_mean, save_invstd), then the activation's
+// name. Returns the dtype the per-channel tensors are read as, and the activation.
+inline std::pair<at::ScalarType, Activation> check_split_backward_args(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& invstd,
+    c10::string_view activation) {
+  check_batch_norm_backward_args(grad_output, input, weight, mean, invstd);
+  check_channel_counts(op, input, {{&bias, "bias"}});
+  const at::ScalarType param_dtype =
+      check_channel_tensors(op, input, {{&weight, "weight"}, {&bias, "bias"}});
+  check_residual(op, input, residual);
+  return {param_dtype, parse_activation(op, activation)};
+}
+
+// batch_norm_backward_elemt's whole-batch sums ([2, C], any floating dtype) and count.
+inline void check_given_sums(const char* op, const at::Tensor& input, const at::Tensor& sums,
+                             int64_t count) {
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == input.size(1), op,
+              ": sums must have shape [2, C]=[2, ", input.size(1), "], got ",
+              describe_shape(sums));
+  TORCH_CHECK(sums.is_floating_point() && sums.device() == input.device(), op,
+              ": sums must be a floating-point tensor on ", input.device(), ", got ",
+              sums.scalar_type(), " on ", sums.device());
+  TORCH_CHECK_VALUE(count >= values_per_channel(input), op,
+                    ": count (values per channel of the whole batch) must be at least this "
+                    "batch's ", values_per_channel(input), ", got ", count);
 }
 
 }  // namespace custom_bn

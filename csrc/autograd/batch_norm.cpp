@@ -420,9 +420,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward_a
                                          activation_param, output_mask);
 }
 
+// batch_norm_inference: the evaluation mode of the fused forward, whose derivative it shares
+// (batch_norm_act_backward with the running statistics as the saved ones). The forward calls
+// the operator itself below autograd, so that a tracer under autograd (torch.export) records
+// batch_norm_inference, not the training operator with its running-stat write.
+class BatchNormInferenceFunction : public torch::autograd::Function<BatchNormInferenceFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const c10::optional<at::Tensor>& residual, double eps,
+                               c10::string_view activation, double activation_param) {
+    at::Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      output = batch_norm_inference(input, weight, bias, running_mean, running_var, residual, eps,
+                                    activation, activation_param);
+    }
+    const auto acc = accumulate_dtype(input.scalar_type());
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                            residual.value_or(at::Tensor()), running_mean.detach().to(acc),
+                            (running_var.detach().to(acc) + eps).rsqrt()});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["activation_param"] = activation_param;
+    return {output};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_weight = saved[1].defined(), has_bias = saved[2].defined();
+    const bool has_residual = saved[3].defined();
+    const int64_t bias_index = 1 + has_weight;
+    const int64_t residual_index = bias_index + has_bias + 2;
+    const std::array<bool, 4> mask = {
+        ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
+        has_bias && ctx->needs_input_grad(bias_index),
+        has_residual && ctx->needs_input_grad(residual_index)};
+    variable_list result(9);
+    if (!grads[0].defined()) return result;
+    auto [gi, gw, gb, gr] = batch_norm_act_backward(
+        grads[0], saved[0], optional_of(saved[1]), optional_of(saved[2]), optional_of(saved[3]),
+        saved[4], saved[5], /*training=*/false, ctx->saved_data["eps"].toDouble(),
+        ctx->saved_data["activation"].toStringRef(),
+        ctx->saved_data["activation_param"].toDouble(), mask);
+    result[0] = undefined_if_empty_mask(gi, mask[0]);
+    result[1] = undefined_if_empty_mask(gw, mask[1]);
+    result[2] = undefined_if_empty_mask(gb, mask[2]);
+    result[5] = undefined_if_empty_mask(gr, mask[3]);
+    return result;
+  }
+};
+
+at::Tensor batch_norm_inference_autograd(const at::Tensor& input,
+                                         const c10::optional<at::Tensor>& weight,
+                                         const c10::optional<at::Tensor>& bias,
+                                         const at::Tensor& running_mean,
+                                         const at::Tensor& running_var,
+                                         const c10::optional<at::Tensor>& residual, double eps,
+                                         c10::string_view activation, double activation_param) {
+  const c10::optional<at::Tensor> x = input;
+  check_no_tangent("custom_bn.batch_norm_inference", {&x, &weight, &bias, &residual});
+  if (at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) ||
+                                     requires_grad(bias) || requires_grad(residual))) {
+    return BatchNormInferenceFunction::apply(input, weight, bias, running_mean, running_var,
+                                             residual, eps, activation, activation_param)[0];
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return batch_norm_inference(input, weight, bias, running_mean, running_var, residual, eps,
+                              activation, activation_param);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) {
+  m.impl("batch_norm_inference", &batch_norm_inference_autograd);
   m.impl("batch_norm_act_inplace_forward", &batch_norm_act_inplace_forward_autograd);
   m.impl("batch_norm_act_inplace_backward", &batch_norm_act_inplace_backward_autograd);
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_autograd);

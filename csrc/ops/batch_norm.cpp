@@ -26,6 +26,12 @@ TORCH_LIBRARY_FRAGMENT(custom_bn, m) {
       "Tensor? residual, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
       "str activation, float activation_param, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Evaluation without the training form's mutable running-stat arguments: what traced
+  // inference graphs (torch.export, ONNX) call, so that they read the buffers, never write them.
+  m.def(
+      "batch_norm_inference(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "Tensor running_var, Tensor? residual, float eps, str activation, float activation_param) "
+      "-> Tensor");
   // The in-place mode: input is overwritten with act(BN(input)), and the backward works from
   // that output alone.
   m.def(
@@ -106,6 +112,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward(
                        .typed<decltype(batch_norm_act_inplace_backward)>();
   return op.call(grad_output, output, weight, bias, save_mean, save_invstd, training, eps,
                  activation, activation_param, output_mask);
+}
+
+at::Tensor batch_norm_inference(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& running_mean, const at::Tensor& running_var,
+                                const c10::optional<at::Tensor>& residual, double eps,
+                                c10::string_view activation, double activation_param) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("custom_bn::batch_norm_inference", "")
+                       .typed<decltype(batch_norm_inference)>();
+  return op.call(input, weight, bias, running_mean, running_var, residual, eps, activation,
+                 activation_param);
 }
 
 double resolve_activation_param(c10::string_view activation, c10::optional<double> param) {

@@ -82,6 +82,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward(
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
     c10::string_view activation, double activation_param, std::array<bool, 3> output_mask);
 
+// custom_bn::batch_norm_inference: act(BN(input) + residual) normalized with the running
+// statistics, which the schema does not mark as written (evaluation mode of
+// batch_norm_act_forward, output only). Traced inference graphs call it. Differentiable.
+at::Tensor batch_norm_inference(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& running_mean, const at::Tensor& running_var,
+                                const c10::optional<at::Tensor>& residual, double eps,
+                                c10::string_view activation, double activation_param);
+
 // activation_param as given, or the activation's default (leaky_relu 0.01, elu 1.0); a value
 // for an activation that takes none is a ValueError (c10::ValueError).
 double resolve_activation_param(c10::string_view activation, c10::optional<double> param);

@@ -108,6 +108,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
   return {output, save_mean, save_invstd};
 }
 
+at::Tensor batch_norm_inference_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const at::Tensor& running_mean, const at::Tensor& running_var,
+                                    const c10::optional<at::Tensor>& residual, double eps,
+                                    c10::string_view activation, double activation_param) {
+  return std::get<0>(batch_norm_act_forward_cpu(input, weight, bias, running_mean, running_var,
+                                                residual, /*training=*/false, 0.0, eps,
+                                                activation, activation_param));
+}
+
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_inplace_forward_cpu(
     at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
@@ -253,22 +263,6 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input_
   return {mean.to(acc), var.to(acc)};
 }
 
-// The checks shared by the two backward pieces: those of batch_norm_act_backward with
-// (mean, invstd) in the place of (save_mean, save_invstd).
-Activation check_split_backward_args(const char* op, const at::Tensor& grad_output,
-                                     const at::Tensor& input,
-                                     const c10::optional<at::Tensor>& weight,
-                                     const c10::optional<at::Tensor>& bias,
-                                     const c10::optional<at::Tensor>& residual,
-                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                     c10::string_view activation) {
-  check_batch_norm_backward_args(grad_output, input, weight, mean, invstd);
-  check_channel_counts(op, input, {{&bias, "bias"}});
-  check_channel_tensors(op, input, {{&weight, "weight"}, {&bias, "bias"}});
-  check_residual(op, input, residual);
-  return parse_activation(op, activation);
-}
-
 at::Tensor batch_norm_backward_reduce_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                           const c10::optional<at::Tensor>& weight,
                                           const c10::optional<at::Tensor>& bias,
@@ -277,7 +271,8 @@ at::Tensor batch_norm_backward_reduce_cpu(const at::Tensor& grad_output, const a
                                           c10::string_view activation, double activation_param) {
   const Activation act =
       check_split_backward_args("custom_bn.batch_norm_backward_reduce", grad_output, input,
-                                weight, bias, residual, mean, invstd, activation);
+                                weight, bias, residual, mean, invstd, activation)
+          .second;
   at::Tensor sums = at::zeros({2, input.size(1)}, input.options().dtype(at::kDouble));
   backward_checked(grad_output, input, weight, bias, residual, mean, invstd, /*training=*/true,
                    act, activation_param, {false, false, false, false}, /*from_output=*/false,
@@ -293,16 +288,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cpu(
     std::array<bool, 2> output_mask) {
   constexpr const char* op = "custom_bn.batch_norm_backward_elemt";
   const Activation act = check_split_backward_args(op, grad_output, input, weight, bias,
-                                                   residual, mean, invstd, activation);
-  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == input.size(1), op,
-              ": sums must have shape [2, C]=[2, ", input.size(1), "], got ",
-              describe_shape(sums));
-  TORCH_CHECK(sums.is_floating_point() && sums.device() == input.device(), op,
-              ": sums must be a floating-point tensor on ", input.device(), ", got ",
-              sums.scalar_type(), " on ", sums.device());
-  TORCH_CHECK_VALUE(count >= values_per_channel(input), op,
-                    ": count (values per channel of the whole batch) must be at least this "
-                    "batch's ", values_per_channel(input), ", got ", count);
+                                                   residual, mean, invstd, activation)
+                             .second;
+  check_given_sums(op, input, sums, count);
   const at::Tensor given = sums.to(at::kDouble).contiguous();
   auto [grad_input, unused_w, unused_b, grad_residual] = backward_checked(
       grad_output, input, weight, bias, residual, mean, invstd, /*training=*/true, act,
@@ -321,6 +309,7 @@ TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+  m.impl("batch_norm_inference", &batch_norm_inference_cpu);
   m.impl("batch_norm_act_inplace_forward", &batch_norm_act_inplace_forward_cpu);
   m.impl("batch_norm_act_inplace_backward", &batch_norm_act_inplace_backward_cpu);
 }

@@ -1,9 +1,10 @@
 // CUDA launchers of custom_bn::batch_norm_forward / batch_norm_backward, of their fused
-// variants batch_norm_act_forward / batch_norm_act_backward and of the in-place
-// batch_norm_act_inplace_forward / batch_norm_act_inplace_backward: the real GPU backend of the
-// launch sequence in batch_norm_launch.h (the emulated kernel tests in
-// tests/cpp/emulator run that same sequence with a CPU backend). Kernel bodies are in
-// batch_norm_kernel.cuh, grid/block/shared-memory choices in launch_config.h.
+// variants batch_norm_act_forward / batch_norm_act_backward, of the in-place
+// batch_norm_act_inplace_forward / batch_norm_act_inplace_backward and of SyncBatchNorm's
+// batch_norm_stats / batch_norm_backward_reduce / batch_norm_backward_elemt: the real GPU backend
+// of the launch sequence in batch_norm_launch.h (the emulated kernel tests in tests/cpp/emulator
+// run that same sequence with a CPU backend). Kernel bodies are in batch_norm_kernel.cuh,
+// grid/block/shared-memory choices in launch_config.h.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -68,6 +69,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cuda(
                                              activation_param);
 }
 
+at::Tensor batch_norm_inference_cuda(const at::Tensor& input,
+                                     const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& running_mean,
+                                     const at::Tensor& running_var,
+                                     const c10::optional<at::Tensor>& residual, double eps,
+                                     c10::string_view activation, double activation_param) {
+  return std::get<0>(batch_norm_act_forward_cuda(input, weight, bias, running_mean, running_var,
+                                                 residual, /*training=*/false, 0.0, eps,
+                                                 activation, activation_param));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -103,6 +116,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_inplace_backward_c
                                                       activation, activation_param, output_mask);
 }
 
+// SyncBatchNorm's pieces. Like the in-place operators they take the activation's name, so that
+// it is parsed after the other checks, in the CPU operators' order.
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  return cuda_launch::batch_norm_stats(CudaBackend{}, input);
+}
+
+at::Tensor batch_norm_backward_reduce_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                           const c10::optional<at::Tensor>& weight,
+                                           const c10::optional<at::Tensor>& bias,
+                                           const c10::optional<at::Tensor>& residual,
+                                           const at::Tensor& mean, const at::Tensor& invstd,
+                                           c10::string_view activation,
+                                           double activation_param) {
+  return cuda_launch::batch_norm_backward_reduce(CudaBackend{}, grad_output, input, weight, bias,
+                                                 residual, mean, invstd, activation,
+                                                 activation_param);
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& sums, int64_t count, c10::string_view activation, double activation_param,
+    std::array<bool, 2> output_mask) {
+  return cuda_launch::batch_norm_backward_elemt(CudaBackend{}, grad_output, input, weight, bias,
+                                                residual, mean, invstd, sums, count, activation,
+                                                activation_param, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(custom_bn, CUDA, m) {
@@ -110,8 +152,12 @@ TORCH_LIBRARY_IMPL(custom_bn, CUDA, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_cuda);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
+  m.impl("batch_norm_inference", &batch_norm_inference_cuda);
   m.impl("batch_norm_act_inplace_forward", &batch_norm_act_inplace_forward_cuda);
   m.impl("batch_norm_act_inplace_backward", &batch_norm_act_inplace_backward_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
 }
 
 }  // namespace custom_bn

@@ -13,6 +13,9 @@
 // writes them and grad_weight / grad_bias) then backward_elementwise (dx = dz * k_dy +
 // (x - mean) * k_x + k_c, grad_residual = dz). The in-place mode runs the same kernels on the
 // output y instead of x (transform writes y over x; the backward recovers z and x - mean from y).
+// SyncBatchNorm's pieces run one kernel each: batch_norm_stats collect_stats (mean and biased
+// variance), batch_norm_backward_reduce backward_reduce, batch_norm_backward_elemt
+// backward_elementwise with the whole batch's sums and count.
 //
 // The activation is a template parameter (kAct): the identity compiles to the plain batch norm,
 // and no kernel switches on the activation per element. So is the backward's source (x, or the
@@ -298,8 +301,9 @@ CBN_DEVICE acc_t channel_value_or(const param_t* values, int64_t c, acc_t fallba
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// Batch statistics of the training forward. The channel's total yields save_mean, save_invstd
-// and, when given, the in-place running-stat update (running stats may be strided views).
+// Batch statistics of the training forward, and of batch_norm_stats (SyncBatchNorm). The
+// channel's total yields save_mean and the requested ones of save_invstd, the biased variance and
+// the in-place running-stat update (running stats may be strided views).
 template <typename scalar_t, typename param_t, typename acc_t>
 struct CollectStats {
   using Op = WelfordOp<acc_t>;
@@ -307,7 +311,8 @@ struct CollectStats {
 
   const scalar_t* input;
   acc_t* save_mean;
-  acc_t* save_invstd;
+  acc_t* save_invstd;  // null: not requested (batch_norm_stats)
+  acc_t* save_var;     // null: not requested (the forward)
   param_t* running_mean;  // null: no running stats
   param_t* running_var;
   int64_t running_mean_stride;
@@ -325,8 +330,10 @@ struct CollectStats {
   CBN_DEVICE void finalize(int64_t c, const WelfordStats<acc_t>& s) const {
     const acc_t var = s.m2 / s.count;
     save_mean[c] = s.mean;
+    // Exactly the variance the forward normalizes with: not recoverable from invstd and eps.
+    if (save_var != nullptr) save_var[c] = var;
     // Once per channel, so the exact reciprocal square root (not rsqrt's approximation) is cheap.
-    save_invstd[c] = acc_t(1) / dev::sqrt(var + eps);
+    if (save_invstd != nullptr) save_invstd[c] = acc_t(1) / dev::sqrt(var + eps);
     if (running_mean != nullptr) {
       param_t& rm = running_mean[c * running_mean_stride];
       param_t& rv = running_var[c * running_var_stride];

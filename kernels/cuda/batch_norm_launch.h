@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "batch_norm_kernel.cuh"
 #include "checks.h"
@@ -120,7 +121,7 @@ struct ForwardArgs {
   const at::Tensor& input;  // contiguous in the chosen memory format
   const at::Tensor& output;
   const at::Tensor& save_mean;
-  const at::Tensor& save_invstd;
+  const at::Tensor& save_invstd;  // undefined: not requested (batch_norm_stats)
   const c10::optional<at::Tensor>& weight;
   const c10::optional<at::Tensor>& bias;
   const c10::optional<at::Tensor>& running_mean;
@@ -132,6 +133,7 @@ struct ForwardArgs {
   Activation activation;
   double activation_param;
   Geometry g;
+  const at::Tensor* save_var = nullptr;  // the biased variance; null: not requested (the forward)
 };
 
 template <typename scalar_t, typename param_t, typename index_t, typename Backend>
@@ -144,7 +146,8 @@ void launch_collect_stats(const Backend& backend, const ForwardArgs& a) {
   const cuda_kernels::CollectStats<scalar_t, param_t, acc_t> policy{
       a.input.const_data_ptr<scalar_t>(),
       a.save_mean.data_ptr<acc_t>(),
-      a.save_invstd.data_ptr<acc_t>(),
+      a.save_invstd.defined() ? a.save_invstd.data_ptr<acc_t>() : nullptr,
+      ptr_or_null<acc_t>(a.save_var),
       optional_ptr<param_t>(a.running_mean),
       optional_ptr<param_t>(a.running_var),
       optional_stride(a.running_mean),
@@ -317,6 +320,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
                                 0.0);
 }
 
+// custom_bn::batch_norm_stats on the backend's device (contract of ops/sync_batch_norm.h): the
+// training forward's statistics kernel alone, asked for the biased variance instead of invstd
+// and given no running stats.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const Backend& backend,
+                                                    const at::Tensor& input_arg) {
+  check_input("custom_bn.batch_norm_stats", input_arg);
+  const typename Backend::DeviceGuard device_guard(input_arg.device());
+  const auto fmt = batch_norm_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous(fmt);
+  const Geometry g = geometry_of(input, fmt);
+  const auto acc_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
+  // An empty batch has zero statistics (SyncBatchNorm weighs them by a count of 0).
+  if (input.numel() == 0) return {at::zeros({g.c}, acc_options), at::zeros({g.c}, acc_options)};
+  at::Tensor mean = at::empty({g.c}, acc_options);
+  at::Tensor var = at::empty({g.c}, acc_options);
+  const at::Tensor none;  // no output and no save_invstd: only the statistics kernel runs
+  const c10::optional<at::Tensor> absent;
+  const detail::ForwardArgs args{input,  none,   mean,   none,
+                                 absent, absent, absent, absent,
+                                 absent, /*training=*/true, /*momentum=*/0.0, /*eps=*/0.0,
+                                 Activation::kIdentity, /*activation_param=*/0.0, g, &var};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "custom_bn_batch_norm_stats_cuda", [&] {
+        // param_t types only the running stats, absent here: acc_t reuses an instantiation of
+        // the forward's.
+        detail::dispatch_index_type(input, backend.tuning(), [&](auto index_tag) {
+          detail::launch_collect_stats<scalar_t, at::opmath_type<scalar_t>,
+                                       decltype(index_tag)>(backend, args);
+        });
+      });
+  return {mean, var};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
@@ -337,8 +374,10 @@ struct BackwardArgs {
   Geometry g;
   const at::Tensor* grad_input;  // null: not requested
   const at::Tensor* grad_residual;
-  const at::Tensor* sum_dy;      // null: no reduction needed
+  const at::Tensor* sum_dy;      // null: no sums needed
   const at::Tensor* sum_dy_xmu;
+  bool sums_given;  // the sums are SyncBatchNorm's, of the whole batch: no reduction
+  int64_t count;    // values per channel behind the sums
   const at::Tensor* grad_weight;  // acc dtype; null: not requested
   const at::Tensor* grad_bias;
 };
@@ -399,7 +438,7 @@ void launch_backward_elementwise(const Backend& backend, const BackwardArgs& a) 
   const auto epilogue = epilogue_inputs<scalar_t, param_t>(a);
   const acc_t* sum_dy = ptr_or_null<acc_t>(a.sum_dy);
   const acc_t* sum_dy_xmu = ptr_or_null<acc_t>(a.sum_dy_xmu);
-  const acc_t count = static_cast<acc_t>(g.count());
+  const acc_t count = static_cast<acc_t>(a.count);
   if (g.layout == Layout::kContiguous) {
     backend.template launch<&cuda_kernels::batch_norm_backward_elementwise_contiguous_kernel<
         kTraining, kAct, kSource, scalar_t, param_t, acc_t, index_t>>(
@@ -416,7 +455,7 @@ void launch_backward_elementwise(const Backend& backend, const BackwardArgs& a) 
 template <Activation kAct, BackwardSource kSource, typename scalar_t, typename param_t,
           typename index_t, typename Backend>
 void run_backward(const Backend& backend, const BackwardArgs& a) {
-  if (a.sum_dy != nullptr) {
+  if (a.sum_dy != nullptr && !a.sums_given) {
     launch_backward_reduce<kAct, kSource, scalar_t, param_t, index_t>(backend, a);
   }
   if (a.grad_input == nullptr && a.grad_residual == nullptr) return;
@@ -445,6 +484,16 @@ void dispatch_source(BackwardSource source, F&& f) {
   }
 }
 
+// SyncBatchNorm's split of the backward into its two passes: the reduction alone, its sums
+// exported into `out` (batch_norm_backward_reduce), or the elementwise pass alone, with the whole
+// batch's sums `given` and its `count` of values per channel (batch_norm_backward_elemt). Both
+// [2, C] of the accumulation dtype, contiguous; `given` is only read.
+struct SplitSums {
+  const at::Tensor* out = nullptr;
+  const at::Tensor* given = nullptr;
+  int64_t count = 0;
+};
+
 // The backward after its checks, in either mode: the gradients of act(BN(x) + residual) from
 // grad_output and `saved`, which is x (kInput) or the forward's output y (kOutput, no residual).
 // output_mask: grad_input, grad_weight, grad_bias, grad_residual.
@@ -455,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from(
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual_arg,
     const at::Tensor& save_mean_arg, const at::Tensor& save_invstd_arg, bool training,
     at::ScalarType param_dtype, Activation activation, double activation_param,
-    std::array<bool, 4> output_mask) {
+    std::array<bool, 4> output_mask, SplitSums split = {}) {
   const typename Backend::DeviceGuard device_guard(saved_arg.device());
   const auto fmt = batch_norm_memory_format(saved_arg);
   const at::Tensor saved = saved_arg.contiguous(fmt);
@@ -472,6 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from(
   at::Tensor grad_input = gradient_like_input(output_mask[0]);
   at::Tensor grad_residual = gradient_like_input(output_mask[3]);
   if (saved.numel() == 0) {
+    if (split.out != nullptr) split.out->zero_();  // nothing to add to SyncBatchNorm's sums
     const auto zeros = [&](bool wanted) {
       return wanted ? at::zeros({g.c}, saved.options().dtype(grad_param_dtype))
                     : unrequested_gradient(saved);
@@ -481,9 +531,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from(
 
   // grad_weight / grad_bias need the sums, and so does grad_input in training mode; eval-mode
   // grad_input alone is a pure scale of dz, and grad_residual is dz itself.
-  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
+  const bool need_sums =
+      split.out != nullptr || output_mask[1] || output_mask[2] || (training && output_mask[0]);
   at::Tensor sum_dy, sum_dy_xmu, grad_weight_acc, grad_bias_acc;
-  if (need_sums) {
+  if (split.out != nullptr || split.given != nullptr) {
+    // The rows of a contiguous [2, C] tensor are [C] arrays: the kernels write or read in place.
+    const at::Tensor& sums = split.out != nullptr ? *split.out : *split.given;
+    sum_dy = sums.select(0, 0);
+    sum_dy_xmu = sums.select(0, 1);
+  } else if (need_sums) {
     sum_dy = at::empty({g.c}, acc_options);
     sum_dy_xmu = at::empty({g.c}, acc_options);
   }
@@ -510,6 +566,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from(
                           output_mask[3] ? &grad_residual : nullptr,
                           need_sums ? &sum_dy : nullptr,
                           need_sums ? &sum_dy_xmu : nullptr,
+                          split.given != nullptr,
+                          split.given != nullptr ? split.count : g.count(),
                           output_mask[1] ? &grad_weight_acc : nullptr,
                           output_mask[2] ? &grad_bias_acc : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -597,6 +655,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       training, Activation::kIdentity, 0.0,
       {output_mask[0], output_mask[1], output_mask[2], false});
   return {grad_input, grad_weight, grad_bias};
+}
+
+// ---------------------------------------------------------------------------------------------
+// SyncBatchNorm's backward pieces: backward_from split into its two passes (SplitSums).
+
+namespace detail {
+
+}  // namespace detail
+
+// custom_bn::batch_norm_backward_reduce on the backend's device (contract of
+// ops/sync_batch_norm.h): the backward's reduction alone, [2, C] = (sum dz, sum dz * (x - mean)).
+template <typename Backend>
+at::Tensor batch_norm_backward_reduce(const Backend& backend, const at::Tensor& grad_output,
+                                      const at::Tensor& input,
+                                      const c10::optional<at::Tensor>& weight,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const c10::optional<at::Tensor>& residual,
+                                      const at::Tensor& mean, const at::Tensor& invstd,
+                                      c10::string_view activation, double activation_param) {
+  const auto [param_dtype, act] = check_split_backward_args(
+      "custom_bn.batch_norm_backward_reduce", grad_output, input, weight, bias, residual, mean,
+      invstd, activation);
+  const at::Tensor sums =
+      at::empty({2, input.size(1)}, input.options().dtype(accumulate_dtype(input.scalar_type())));
+  detail::backward_from(backend, detail::BackwardSource::kInput, grad_output, input, weight, bias,
+                        residual, mean, invstd, /*training=*/true, param_dtype, act,
+                        activation_param, {false, false, false, false}, {&sums});
+  return sums;
+}
+
+// custom_bn::batch_norm_backward_elemt on the backend's device (contract of
+// ops/sync_batch_norm.h): the training backward's elementwise pass alone, from the whole batch's
+// sums and count; output_mask: grad_input, grad_residual.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt(
+    const Backend& backend, const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& sums, int64_t count, c10::string_view activation, double activation_param,
+    std::array<bool, 2> output_mask) {
+  constexpr const char* op = "custom_bn.batch_norm_backward_elemt";
+  const auto [param_dtype, act] = check_split_backward_args(
+      op, grad_output, input, weight, bias, residual, mean, invstd, activation);
+  check_given_sums(op, input, sums, count);
+  // The kernels read the sums as acc_t arrays (the all-reduce may have run in another dtype).
+  const at::Tensor given = sums.to(accumulate_dtype(input.scalar_type())).contiguous();
+  auto [grad_input, unused_w, unused_b, grad_residual] = detail::backward_from(
+      backend, detail::BackwardSource::kInput, grad_output, input, weight, bias, residual, mean,
+      invstd, /*training=*/true, param_dtype, act, activation_param,
+      {output_mask[0], false, false, output_mask[1]}, {nullptr, &given, count});
+  return {grad_input, grad_residual};
 }
 
 }  // namespace cuda_launch

@@ -28,6 +28,7 @@ _ACT_FORWARD = "custom_bn::batch_norm_act_forward"
 _ACT_BACKWARD = "custom_bn::batch_norm_act_backward"
 _INPLACE_FORWARD = "custom_bn::batch_norm_act_inplace_forward"
 _INPLACE_BACKWARD = "custom_bn::batch_norm_act_inplace_backward"
+_INFERENCE = "custom_bn::batch_norm_inference"
 _STATS = "custom_bn::batch_norm_stats"
 _BACKWARD_REDUCE = "custom_bn::batch_norm_backward_reduce"
 _BACKWARD_ELEMT = "custom_bn::batch_norm_backward_elemt"
@@ -202,6 +203,24 @@ def _batch_norm_act_backward_fake(
     else:
         grad_residual = input.new_empty((0,))
     return grads[0], grads[1], grads[2], grad_residual
+
+
+@torch.library.register_fake(_INFERENCE)
+def _batch_norm_inference_fake(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    residual: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
+    return _batch_norm_act_forward_fake(
+        input, weight, bias, running_mean, running_var, residual, False, 0.0, eps, activation,
+        activation_param,
+    )[0]
 
 
 @torch.library.register_fake(_INPLACE_FORWARD)

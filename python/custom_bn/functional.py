@@ -13,6 +13,7 @@ __all__ = ["batch_norm", "batch_norm_act_"]
 _forward_op = torch.ops.custom_bn.batch_norm_forward.default
 _act_forward_op = torch.ops.custom_bn.batch_norm_act_forward.default
 _inplace_forward_op = torch.ops.custom_bn.batch_norm_act_inplace_forward.default
+_inference_op = torch.ops.custom_bn.batch_norm_inference.default
 
 
 def batch_norm(
@@ -196,12 +197,15 @@ def _eager_batch_norm(
     residual: Optional[Tensor] = None,
 ) -> Tensor:
     """The operator call outside TorchScript (which has its own branch above)."""
-    if not training and torch.compiler.is_compiling():
-        # Evaluation only reads the running statistics, but the operator's schema marks them
-        # written (training writes them), so a traced graph (torch.export, AOTInductor) would
-        # carry a write-back of unchanged buffers. Traced evaluation reads copies instead.
-        running_mean = None if running_mean is None else running_mean.clone()
-        running_var = None if running_var is None else running_var.clone()
+    if (not training and running_mean is not None and running_var is not None
+            and torch.compiler.is_compiling() and not _transforms.transforms_active()):
+        # Evaluation only reads the running statistics, but the training operators' schemas mark
+        # them written, so a traced graph (torch.export, AOTInductor, ONNX) would carry a
+        # write-back of unchanged buffers. Traced evaluation calls the operator that only reads.
+        return _inference_op(
+            input, weight, bias, running_mean, running_var, residual, eps, activation,
+            activation_param,
+        )
     fused = activation != "identity" or residual is not None
     if _transforms.transforms_active():
         # torch.func / forward AD: batch norm with its derivative rules, then the epilogue as

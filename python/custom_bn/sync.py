@@ -197,21 +197,12 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
     parameter objects (so an optimizer built before keeps working), buffers and training flag
     are kept; a module that is itself a BatchNorm is returned converted. custom_bn.SyncBatchNorm
     layers are left as they are."""
+    from .convert import _rebuild  # convert imports this module
+
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
-        converted = SyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, process_group,
-            activation=getattr(module, "activation", "identity"),
-            activation_param=getattr(module, "activation_param", None),
-        )
-        for name in ("weight", "bias"):
-            setattr(converted, name, getattr(module, name))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(converted, name, getattr(module, name))
-        converted.train(module.training)
-        if hasattr(module, "qconfig"):
-            converted.qconfig = module.qconfig
-        return converted
+        return _rebuild(module, SyncBatchNorm, process_group=process_group,
+                        activation=getattr(module, "activation", "identity"),
+                        activation_param=getattr(module, "activation_param", None))
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, process_group))
     return module

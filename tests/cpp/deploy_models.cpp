@@ -2,9 +2,14 @@
 // (tests/deploy/make_artifacts.py): TorchScript files (script and trace) through
 // torch::jit::load, and an AOTInductor package through AOTIModelPackageLoader. Linking
 // libcustom_bn is what registers the custom_bn operators these programs call. Outputs are
-// compared with the same model built from torch.nn BatchNorm layers in Python.
+// compared with the same model built from torch.nn BatchNorm layers in Python. It also loads
+// that torch.nn model's state_dict (torch.save) into a C++ model made of custom_bn::nn modules,
+// and writes the state after a training step for Python to read back (deploy_state_dict_to_python).
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
+#include <torch/torch.h>
+
+#include <custom_bn/custom_bn.h>
 
 #include <iostream>
 #include <string>
@@ -56,6 +61,22 @@ int main(int argc, char** argv) {
           buffer(data, "expected_running_mean"));
     check("scripted.pt running_var (cumulative)", buffer(scripted, "4.running_var"),
           buffer(data, "expected_running_var"));
+
+    // The torch.nn model's state_dict (torch.save in Python) in a C++ model built from
+    // custom_bn::nn modules with the same structure, and its state back to Python.
+    torch::nn::Sequential model(
+        torch::nn::Conv2d(3, 8, 3), custom_bn::nn::BatchNorm2d(8), torch::nn::ReLU(),
+        torch::nn::Conv2d(torch::nn::Conv2dOptions(8, 8, 1)),
+        custom_bn::nn::BatchNorm2d(custom_bn::nn::BatchNorm2dOptions(8).momentum(std::nullopt)),
+        torch::nn::Flatten(), torch::nn::Linear(8 * 6 * 6, 10), custom_bn::nn::BatchNorm1d(10));
+    custom_bn::nn::load_state_dict(*model, dir + "/torch_state_dict.pt");
+    model->eval();
+    check("torch.save state_dict -> custom_bn::nn model, eval", model->forward(input),
+          buffer(data, "expected_eval"));
+    model->train();
+    check("torch.save state_dict -> custom_bn::nn model, train", model->forward(input),
+          buffer(data, "expected_train"));
+    custom_bn::nn::save_state_dict(*model, dir + "/cpp_state_dict.pt");
 
     torch::inductor::AOTIModelPackageLoader package(dir + "/model.pt2");
     const auto outputs = package.run({input});

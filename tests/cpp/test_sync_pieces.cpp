@@ -7,6 +7,9 @@
 
 #include <custom_bn/custom_bn.h>
 
+#include <tuple>
+#include <vector>
+
 #include "test_helpers.h"
 
 namespace {
@@ -26,13 +29,13 @@ TEST(SyncPieces, TwoShardsMergedEqualBatchNormOverTheWholeBatch) {
 
     // Forward: merge (mean, biased var, count) of the shards with Chan's formula.
     torch::Tensor sum = torch::zeros({3}, f64), m2 = torch::zeros({3}, f64);
-    std::vector<std::pair<torch::Tensor, torch::Tensor>> stats;
+    std::vector<std::tuple<torch::Tensor, torch::Tensor>> stats;
     for (const auto& shard : xs) stats.push_back(custom_bn::batch_norm_stats(shard));
     const int64_t total = 7 * 20;
-    for (size_t i = 0; i < xs.size(); ++i) sum += stats[i].first * (xs[i].size(0) * 20);
+    for (size_t i = 0; i < xs.size(); ++i) sum += std::get<0>(stats[i]) * (xs[i].size(0) * 20);
     const auto mean = sum / total;
     for (size_t i = 0; i < xs.size(); ++i) {
-      m2 += (stats[i].second + (stats[i].first - mean).square()) * (xs[i].size(0) * 20);
+      m2 += (std::get<1>(stats[i]) + (std::get<0>(stats[i]) - mean).square()) * (xs[i].size(0) * 20);
     }
     const auto var = m2 / total;
     const auto invstd = (var + 1e-5).rsqrt();

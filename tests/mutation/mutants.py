@@ -34,6 +34,7 @@ MODULES = "pytest tests/python/test_modules.py"
 EMULATOR = "emulator"
 
 CUH = "kernels/cuda/batch_norm_kernel.cuh"
+LAUNCH = "kernels/cuda/batch_norm_launch.h"
 MATH = "kernels/common/batch_norm_math.h"
 KERNEL = "kernels/cpu/batch_norm_kernel.cpp"
 OPERATOR = "kernels/cpu/batch_norm_cpu.cpp"
@@ -330,5 +331,31 @@ MUTANTS = [
         "",
         "in-place autograd: the overwritten input's version counter is not moved",
         (INPLACE,),
+    ),
+    # ------------------------------------------------ SyncBatchNorm's pieces (CUDA, emulated)
+    Mutant(
+        "cuda-sync-stats-unbiased-var",
+        CUH,
+        "    if (save_var != nullptr) save_var[c] = var;",
+        "    if (save_var != nullptr) save_var[c] = unbiased_variance(var, s.count);",
+        "CUDA batch_norm_stats: the unbiased variance where SyncBatchNorm merges biased ones",
+        (EMULATOR,),
+    ),
+    Mutant(
+        "cuda-sync-elemt-local-count",
+        LAUNCH,
+        "                          split.given != nullptr ? split.count : g.count(),",
+        "                          g.count(),",
+        "CUDA batch_norm_backward_elemt: this batch's count in place of the whole batch's",
+        (EMULATOR,),
+    ),
+    Mutant(
+        "cuda-sync-elemt-reduces-again",
+        LAUNCH,
+        "  if (a.sum_dy != nullptr && !a.sums_given) {",
+        "  if (a.sum_dy != nullptr) {",
+        "CUDA batch_norm_backward_elemt: the reduction runs anyway and overwrites the whole "
+        "batch's sums with this batch's",
+        (EMULATOR,),
     ),
 ]

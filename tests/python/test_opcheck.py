@@ -133,3 +133,18 @@ def test_opcheck_act_backward(act_case, mask, requires_grad, device):
         ACT_BACKWARD,
         (grad_out, x, w, b, r, save_mean, save_invstd, training, eps, activation, param, mask),
     )
+
+
+INFERENCE = torch.ops.custom_bn.batch_norm_inference.default
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("act_case", ACT_CASES, ids=ACT_IDS)
+def test_opcheck_inference(act_case, requires_grad, device):
+    x, w, b, rm, rv, r, _, _, eps, activation, param = _act_forward_args(act_case, device, requires_grad)
+    if rm is None:  # the case has no running stats: give some of the per-channel dtype
+        stats_dtype = w.dtype if w is not None else (torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+        rm = torch.randn(x.shape[1], device=device, dtype=stats_dtype) * 0.1
+        rv = torch.rand(x.shape[1], device=device, dtype=stats_dtype) + 0.5
+    torch.library.opcheck(INFERENCE, (x, w, b, rm, rv, r, eps, activation, param))

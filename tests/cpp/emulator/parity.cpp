@@ -51,6 +51,31 @@ EmulatedDevice index64() {
   return d;
 }
 
+dev::emu::Schedule schedule_for(size_t i) {
+  dev::emu::Schedule s;
+  s.order = static_cast<dev::emu::ThreadOrder>(i % 3);
+  s.resident_blocks = 1 + static_cast<int>(i % 4);
+  s.shuffle_blocks = i % 2 == 0;
+  if (i % 5 == 0) {
+    s.stall_probability = 0.05;
+    s.stall_rounds = 8;
+  }
+  s.laggers = i % 7 == 0 ? 1 : 0;
+  s.seed = 1000 + i;
+  return s;
+}
+
+at::Tensor aten_activation(Activation a, double param, const at::Tensor& z) {
+  switch (a) {
+    case Activation::kIdentity: return z;
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kLeakyRelu: return at::leaky_relu(z, param);
+    case Activation::kElu: return at::elu(z, param);
+    case Activation::kSilu: return at::silu(z);
+  }
+  TORCH_CHECK(false, "aten_activation: ", activation_name(a));
+}
+
 const char* activation_name(Activation a) {
   switch (a) {
     case Activation::kIdentity: return "identity";
@@ -329,25 +354,13 @@ ErrorScales error_scales(const ForwardTerms& t, const at::Tensor& dy64, const at
   return ::testing::AssertionFailure() << os.str();
 }
 
-// ATen's own activation of the case, differentiable.
-at::Tensor aten_activation(const ParityCase& c, const at::Tensor& z) {
-  switch (c.activation) {
-    case Activation::kIdentity: return z;
-    case Activation::kRelu: return at::relu(z);
-    case Activation::kLeakyRelu: return at::leaky_relu(z, c.activation_param);
-    case Activation::kElu: return at::elu(z, c.activation_param);
-    case Activation::kSilu: return at::silu(z);
-  }
-  TORCH_CHECK(false, "aten_activation: ", activation_name(c.activation));
-}
-
 // The float64 reference of the fused epilogue at z: act(z) with ATen's own activation and its
 // derivative dy * act'(z) by autograd.
 std::pair<at::Tensor, at::Tensor> activation_reference(const ParityCase& c, const at::Tensor& z64,
                                                        const at::Tensor& dy64) {
   if (c.activation == Activation::kIdentity) return {z64, dy64};
   const at::Tensor z = z64.detach().requires_grad_(true);
-  const at::Tensor y = aten_activation(c, z);
+  const at::Tensor y = aten_activation(c.activation, c.activation_param, z);
   const auto grads = torch::autograd::grad({y}, {z}, {dy64});
   return {y.detach(), grads[0]};
 }
@@ -502,7 +515,7 @@ InPlaceInput inplace_input(const ParityCase& c, const at::Tensor& x, at::MemoryF
         (c.affine ? b64->clone() : at::zeros({C}, x64.options())).requires_grad_(true)};
     const at::Tensor bn = at::batch_norm(leaves[0], leaves[1], leaves[2], rm_ref, rv_ref,
                                          c.training, c.momentum, c.eps, /*cudnn_enabled=*/false);
-    const at::Tensor y_graph = aten_activation(c, bn);
+    const at::Tensor y_graph = aten_activation(c.activation, c.activation_param, bn);
     const auto grads_ref = torch::autograd::grad({y_graph}, leaves, {dy64});
     const at::Tensor y_ref = y_graph.detach();
     const at::Tensor z_ref = bn.detach();

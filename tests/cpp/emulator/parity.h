@@ -9,6 +9,7 @@
 // the same way, emulated only, against float64 autograd through at::batch_norm and the
 // activation.
 #include <ATen/core/ScalarType.h>
+#include <ATen/core/Tensor.h>
 #include <gtest/gtest.h>
 
 #include <c10/util/Optional.h>
@@ -71,6 +72,9 @@ struct ParityCase {
 // "identity", "relu", ...: the operators' string argument.
 const char* activation_name(Activation a);
 
+// ATen's own activation (param: leaky_relu's slope, elu's alpha) of z, differentiable.
+at::Tensor aten_activation(Activation a, double param, const at::Tensor& z);
+
 // gtest prints a failing case by its name rather than as bytes.
 inline void PrintTo(const ParityCase& c, std::ostream* os) { *os << c.name(); }
 
@@ -85,6 +89,10 @@ EmulatedDevice many_splits();     // one-warp blocks, a split per handful of val
 EmulatedDevice two_warp_splits(); // two-warp blocks: cross-warp block reductions with splits
 EmulatedDevice wide_blocks();     // blocks of up to 1024 threads, as large as CUDA allows
 EmulatedDevice index64();         // as two_warp_splits, with the 64-bit-index kernels
+
+// The i-th of the interleavings that the cases vary through: thread order, blocks in flight,
+// block order, stalling threads and a lagging thread per block.
+dev::emu::Schedule schedule_for(size_t i);
 
 }  // namespace emulator
 }  // namespace custom_bn

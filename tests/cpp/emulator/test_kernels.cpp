@@ -31,9 +31,6 @@ namespace custom_bn {
 namespace emulator {
 namespace {
 
-using dev::emu::Schedule;
-using dev::emu::ThreadOrder;
-
 struct Layout {
   std::vector<int64_t> shape;
   bool channels_last;
@@ -49,22 +46,6 @@ const std::vector<Layout>& layouts() {
       {{1, 2, 300}, false},     {{2, 40, 3, 3}, false},     {{2, 40, 3, 3}, true},
   };
   return all;
-}
-
-// Varies the interleaving from case to case: thread order, blocks in flight, block order,
-// stalling threads and a lagging thread per block.
-Schedule schedule_for(size_t i) {
-  Schedule s;
-  s.order = static_cast<ThreadOrder>(i % 3);
-  s.resident_blocks = 1 + static_cast<int>(i % 4);
-  s.shuffle_blocks = i % 2 == 0;
-  if (i % 5 == 0) {
-    s.stall_probability = 0.05;
-    s.stall_rounds = 8;
-  }
-  s.laggers = i % 7 == 0 ? 1 : 0;
-  s.seed = 1000 + i;
-  return s;
 }
 
 ParityCase make_case(const Layout& l, at::ScalarType dtype, at::ScalarType param_dtype,
