@@ -1,47 +1,55 @@
-"""Train the same small conv net twice, with torch.nn.BatchNorm2d and custom_bn.BatchNorm2d.
+"""The textbook BatchNorm experiment on scikit-learn's digits, with torch.nn and custom_bn.
 
-This is the main job of the repository (``make demo``). It shows that custom_bn.BatchNorm2d is a
-drop-in replacement for torch.nn.BatchNorm2d in real training:
+This is the main job of the repository (``make demo``). One small CNN, as tutorials teach it:
 
-* one network (three conv -> BatchNorm2d -> ReLU blocks, global average pooling, a linear head) is
-  built once; a deep copy has every torch.nn.BatchNorm2d swapped for a custom_bn.BatchNorm2d that
-  loads the original's state_dict, so both runs start from identical weights and buffers;
-* both are trained on scikit-learn's bundled digits data set (1,797 8x8 grey images of the digits
-  0-9, shipped with scikit-learn, nothing is downloaded) with the same optimizer (SGD with momentum,
-  cosine learning-rate decay) and the same mini-batch order, in float32 on CUDA when available,
-  else on the CPU;
-* per epoch it prints the mean training loss and the test accuracy (eval mode, so the running
-  statistics are used) of both runs side by side, then the largest absolute difference between
-  the two runs' losses over all training steps, and each run's final test accuracy and training
-  time.
+    conv 3x3 -> max-pool 2 -> ReLU -> BatchNorm2d -> dropout     (8x8 -> 4x4, 16 channels)
+    conv 3x3 -> max-pool 2 -> ReLU -> BatchNorm2d -> dropout     (4x4 -> 2x2, 32 channels)
+    flatten -> linear 128->64 -> ReLU -> linear 64->10
 
-The script is also a check; it exits with status 1 when
+is trained six times, in three pairs; within a pair a torch.nn run and a custom_bn run:
 
-* either network ends below ``--min-accuracy`` on the test split, or
-* the losses differ by more than ``--lockstep-tol`` during the first epoch, or
-* the losses differ by more than ``--loss-tol`` at any step of the whole run.
+* ``ReLU->BN``: the textbook order, torch.nn.BatchNorm2d against custom_bn.BatchNorm2d (the
+  model converted with ``custom_bn.convert_model``);
+* ``BN->ReLU``: BatchNorm2d then ReLU against custom_bn's fused BatchNormAct2d(relu)
+  (``convert_model(..., fuse_activation=True)``);
+* ``BN->LeakyReLU``: BatchNorm2d then LeakyReLU(0.01) against custom_bn.InPlaceBatchNormAct2d,
+  which writes its output over its input and keeps only that for backward (ReLU cannot be
+  inverted, so the in-place layer uses its default leaky_relu).
 
-Why two loss tolerances: two correct float32 BatchNorm kernels round differently (reduction
-order), so the runs start out equal to ~1e-7. Training amplifies that: each time a value lands
-within round-off of a ReLU kink or a max-pool tie, the two runs take slightly different gradients,
-momentum carries the difference on and the network's sensitivity multiplies it. Over hundreds of
-steps the curves therefore drift apart by up to ~1e-2 even when both kernels are right (measured
-here with several independent, correct re-implementations of the same math). A wrong kernel shows
-up at once: a wrong statistic or gradient separates the losses in the first steps, long before
-that drift, so the first epoch is held to the tight tolerance and the whole run to a loose one.
+Every run starts from the same weights (one state_dict, loaded into all six), sees the same
+mini-batches and the same dropout masks, and uses SGD with momentum and weight decay. Training
+stops early when the validation loss has not improved for ``--patience`` epochs; the best state
+is then restored and evaluated on a held-out test split. The script writes a PNG (loss curves,
+time per epoch, histograms of the second BatchNorm's input and output) and prints a summary
+table: best validation loss, test accuracy, epochs, time per epoch, and two memory figures of
+one training step (the bytes autograd saves for backward, and the peak of the memory allocated
+by the step).
 
-Usage (from the repository root, after ``make build``)::
+It is also a check, exiting with status 1 when a run ends below ``--min-accuracy`` on the test
+split or when, within a pair, the two runs' losses differ by more than ``--lockstep-tol`` at a
+step of the first epoch. Later steps are not compared: two correct float32 kernels round
+differently (reduction order), and training amplifies that (a value within round-off of a ReLU
+kink or a max-pool tie takes the other branch, momentum carries the difference on), so the
+curves drift apart slowly even when both kernels are right; a wrong statistic or gradient
+separates them in the first steps.
 
-    PYTHONPATH=python .venv/bin/python examples/train_digits.py [--epochs 15] [--batch-size 64]
+Usage (from the repository root, after ``make build-python``)::
+
+    PYTHONPATH=python .venv/bin/python examples/train_digits.py [--max-epochs 60] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
+import statistics
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -52,15 +60,17 @@ from tqdm import tqdm
 
 import custom_bn
 
+# A block's normalization and activation, in their order: ("relu", "bn") is the textbook's.
+Layers = Callable[[int], "OrderedDict[str, nn.Module]"]
+
 
 @dataclass
-class Split:
-    """Digits images as float32 tensors: x has shape (N, 1, 8, 8), y has shape (N,) (int64)."""
+class Data:
+    """Digits images (N, 1, 8, 8) float32, standardized with the training split's statistics,
+    and labels (N,) int64, for the train / validation / test splits."""
 
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -68,102 +78,124 @@ class Run:
     """One network under training plus everything recorded about it."""
 
     name: str
+    order: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     step_losses: list[float] = field(default_factory=list)
-    epoch_losses: list[float] = field(default_factory=list)
-    test_accuracies: list[float] = field(default_factory=list)
-    train_seconds: float = 0.0
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_val_loss: float = float("inf")
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    stopped: bool = False
+    test_accuracy: float = 0.0
+    saved_bytes: int = 0
+    peak_bytes: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=10, help="passes over the training split")
-    parser.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
-    parser.add_argument("--lr", type=float, default=0.01,
-                        help="initial SGD learning rate (momentum 0.9, cosine decay to 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights and batch order")
-    parser.add_argument("--min-accuracy", type=float, default=0.90,
-                        help="fail when a run's final test accuracy is below this")
+    parser.add_argument("--max-epochs", type=int, default=60, help="at most this many epochs")
+    parser.add_argument("--patience", type=int, default=8,
+                        help="stop after this many epochs without a better validation loss")
+    parser.add_argument("--batch-size", type=int, default=32, help="mini-batch size")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    parser.add_argument("--dropout", type=float, default=0.25, help="dropout after each block")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, weights, batches")
+    parser.add_argument("--out", default="build/demo", help="folder for the PNG")
+    parser.add_argument("--min-accuracy", type=float, default=0.95,
+                        help="fail when a run's test accuracy is below this")
     parser.add_argument("--lockstep-tol", type=float, default=1e-3,
-                        help="fail when the losses differ by more than this in the first epoch")
-    parser.add_argument("--loss-tol", type=float, default=5e-2,
-                        help="fail when the losses differ by more than this at any step")
+                        help="fail when a pair's losses differ by more than this in epoch 1")
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 2:
-        parser.error("--epochs must be >= 1 and --batch-size >= 2 (BatchNorm needs 2+ samples)")
+    if args.max_epochs < 1 or args.patience < 1 or args.batch_size < 2:
+        parser.error("--max-epochs and --patience must be >= 1, --batch-size >= 2 "
+                     "(BatchNorm needs 2+ samples)")
     return args
 
 
-def load_split(seed: int, device: torch.device) -> Split:
-    """Stratified 75/25 split of the digits data, standardized with the training split's statistics."""
+def load_data(seed: int, device: torch.device) -> Data:
+    """Stratified 60 / 20 / 20 split of the 1,797 digits (shipped with scikit-learn)."""
     digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target
-    )
+    x_train, x_rest, y_train, y_rest = train_test_split(
+        digits.images, digits.target, test_size=0.4, random_state=seed, stratify=digits.target)
+    x_val, x_test, y_val, y_test = train_test_split(
+        x_rest, y_rest, test_size=0.5, random_state=seed, stratify=y_rest)
     mean, std = float(x_train.mean()), float(x_train.std())
-
-    def images(a) -> torch.Tensor:
-        return ((torch.as_tensor(a, dtype=torch.float32) - mean) / std).unsqueeze(1).to(device)
-
-    def labels(a) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=torch.int64).to(device)
-
-    return Split(images(x_train), labels(y_train), images(x_test), labels(y_test))
-
-
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    # The conv has no bias: the BatchNorm that follows would subtract it again.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
+    xs = {"train": x_train, "val": x_val, "test": x_test}
+    ys = {"train": y_train, "val": y_val, "test": y_test}
+    return Data(
+        {k: ((torch.as_tensor(v, dtype=torch.float32) - mean) / std).unsqueeze(1).to(device)
+         for k, v in xs.items()},
+        {k: torch.as_tensor(v, dtype=torch.int64).to(device) for k, v in ys.items()},
     )
 
 
-def build_model() -> nn.Sequential:
-    """(N, 1, 8, 8) images -> (N, 10) logits."""
-    return nn.Sequential(
-        conv_bn_relu(1, 32),          # 8x8
-        conv_bn_relu(32, 64),         # 8x8
-        nn.MaxPool2d(2),              # 4x4
-        conv_bn_relu(64, 64),         # 4x4
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
+def relu_bn(c: int) -> OrderedDict[str, nn.Module]:
+    return OrderedDict(act=nn.ReLU(), bn=nn.BatchNorm2d(c))
 
 
-def swap_batch_norm(module: nn.Module) -> int:
-    """Replace every torch.nn.BatchNorm2d under ``module`` with custom_bn.BatchNorm2d in place.
-
-    The replacement gets the same hyper-parameters, the old module's state_dict (weight, bias,
-    running stats, num_batches_tracked) and its train/eval mode. Returns the number swapped.
-    """
-    swapped = 0
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            twin = custom_bn.BatchNorm2d(
-                child.num_features,
-                eps=child.eps,
-                momentum=child.momentum,
-                affine=child.affine,
-                track_running_stats=child.track_running_stats,
-            )
-            twin.load_state_dict(child.state_dict())
-            twin.train(child.training)
-            setattr(module, name, twin)
-            swapped += 1
-        else:
-            swapped += swap_batch_norm(child)
-    return swapped
+def bn_relu(c: int) -> OrderedDict[str, nn.Module]:
+    return OrderedDict(bn=nn.BatchNorm2d(c), act=nn.ReLU())
 
 
-def batch_orders(n: int, epochs: int, seed: int) -> list[torch.Tensor]:
-    """One shuffled index order per epoch, drawn once so both runs see identical mini-batches."""
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randperm(n, generator=generator) for _ in range(epochs)]
+def bn_leaky(c: int) -> OrderedDict[str, nn.Module]:
+    return OrderedDict(bn=nn.BatchNorm2d(c), act=nn.LeakyReLU(0.01))
+
+
+def inplace_bn_leaky(c: int) -> OrderedDict[str, nn.Module]:
+    # Identity keeps the slot, so the state_dict keys are the torch.nn model's.
+    return OrderedDict(bn=custom_bn.InPlaceBatchNormAct2d(c, "leaky_relu", 0.01),
+                       act=nn.Identity())
+
+
+def build_model(layers: Layers, dropout: float) -> nn.Sequential:
+    """(N, 1, 8, 8) images -> (N, 10) logits; the same parameter names whatever ``layers``."""
+    def block(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(c_in, c_out, 3, padding=1), pool=nn.MaxPool2d(2),
+            **layers(c_out), drop=nn.Dropout(dropout)))
+
+    return nn.Sequential(OrderedDict(
+        block1=block(1, 16), block2=block(16, 32), flatten=nn.Flatten(),
+        fc1=nn.Linear(32 * 2 * 2, 64), relu=nn.ReLU(), fc2=nn.Linear(64, 10)))
+
+
+def build_runs(args: argparse.Namespace, device: torch.device) -> list[Run]:
+    """The six runs, every one loaded with the same initial state_dict."""
+    torch.manual_seed(args.seed)
+    initial = build_model(relu_bn, args.dropout).state_dict()
+
+    def fresh(layers: Layers) -> nn.Sequential:
+        model = build_model(layers, args.dropout)
+        model.load_state_dict(initial)
+        return model
+
+    models = [
+        ("torch.nn", "ReLU->BN", fresh(relu_bn)),
+        ("custom_bn", "ReLU->BN", custom_bn.convert_model(fresh(relu_bn))),
+        ("torch.nn", "BN->ReLU", fresh(bn_relu)),
+        ("custom_bn fused", "BN->ReLU",
+         custom_bn.convert_model(fresh(bn_relu), fuse_activation=True)),
+        ("torch.nn", "BN->LeakyReLU", fresh(bn_leaky)),
+        ("custom_bn in-place", "BN->LeakyReLU", fresh(inplace_bn_leaky)),
+    ]
+    runs = []
+    for name, order, model in models:
+        model.to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        runs.append(Run(name, order, model, optimizer))
+    expected = (nn.BatchNorm2d, custom_bn.BatchNorm2d, nn.BatchNorm2d, custom_bn.BatchNormAct2d,
+                nn.BatchNorm2d, custom_bn.InPlaceBatchNormAct2d)
+    for run, cls in zip(runs, expected):
+        if type(run.model.block2.bn) is not cls:
+            raise RuntimeError(f"{run.name} {run.order}: block2.bn is "
+                               f"{type(run.model.block2.bn).__name__}, not {cls.__name__}")
+    return runs
 
 
 def synchronize(device: torch.device) -> None:
@@ -171,134 +203,252 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_one_epoch(run: Run, data: Split, order: torch.Tensor, batch_size: int,
-                    device: torch.device) -> None:
-    """One pass over the training split in ``order``; appends per-step losses, adds the time."""
+def train_epoch(run: Run, data: Data, order: torch.Tensor, batch_size: int, dropout_seed: int,
+                device: torch.device) -> None:
+    """One pass over the training split in ``order``; the dropout masks come from
+    ``dropout_seed``, so every run of the epoch draws the same ones."""
     run.model.train()
-    order = order.to(device)
-    total, count = 0.0, 0
+    torch.manual_seed(dropout_seed)
+    total = 0.0
     synchronize(device)
     start = time.perf_counter()
     for first in range(0, order.numel(), batch_size):
         index = order[first:first + batch_size]
-        x, y = data.x_train[index], data.y_train[index]
-        loss = F.cross_entropy(run.model(x), y)
+        loss = F.cross_entropy(run.model(data.x["train"][index]), data.y["train"][index])
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
-        value = loss.item()
-        run.step_losses.append(value)
-        total += value * index.numel()
-        count += index.numel()
+        run.step_losses.append(loss.item())
+        total += run.step_losses[-1] * index.numel()
     synchronize(device)
-    run.train_seconds += time.perf_counter() - start
-    run.epoch_losses.append(total / count)
+    run.epoch_seconds.append(time.perf_counter() - start)
+    run.train_losses.append(total / order.numel())
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, data: Split) -> float:
+def evaluate(model: nn.Module, data: Data, split: str) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode, i.e. with the running statistics."""
     model.eval()
-    predictions = model(data.x_test).argmax(dim=1)
-    return (predictions == data.y_test).float().mean().item()
+    logits = model(data.x[split])
+    loss = F.cross_entropy(logits, data.y[split]).item()
+    return loss, (logits.argmax(dim=1) == data.y[split]).float().mean().item()
 
 
-def warm_up(model: nn.Module, data: Split, batch_size: int) -> None:
-    """Forward/backward on a throw-away copy so one-time setup costs stay out of the timings."""
-    scratch = copy.deepcopy(model).train()
-    F.cross_entropy(scratch(data.x_train[:batch_size]), data.y_train[:batch_size]).backward()
+def end_epoch(run: Run, data: Data, epoch: int, patience: int) -> None:
+    """Validation loss, best state so far, and the early-stopping decision."""
+    val_loss, _ = evaluate(run.model, data, "val")
+    run.val_losses.append(val_loss)
+    if val_loss < run.best_val_loss:
+        run.best_val_loss, run.best_epoch = val_loss, epoch
+        run.best_state = copy.deepcopy(run.model.state_dict())
+    elif epoch - run.best_epoch >= patience:
+        run.stopped = True
 
 
-def max_state_difference(a: nn.Module, b: nn.Module) -> float:
-    """Largest absolute difference over all parameters and buffers (same state_dict keys)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        raise RuntimeError(f"state_dict keys differ: {sorted(sa.keys() ^ sb.keys())}")
-    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silences file descriptor 2 (C++ libraries write there directly, not through sys.stderr)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def step_memory(run: Run, data: Data, batch_size: int, device: torch.device) -> None:
+    """Memory of one training step on a copy of the model: the bytes of the distinct activation
+    tensors (parameters aside) that autograd saves for backward, and the peak of the memory allocated during forward + backward above what was
+    allocated before (CUDA: the caching allocator's counters; CPU: the profiler's allocation
+    and free events, summed in time order)."""
+    model = copy.deepcopy(run.model).train()
+    model.zero_grad(set_to_none=True)  # the step allocates its gradients, as in training
+    # A batch of its own (a slice would share the whole training set's storage).
+    x, y = data.x["train"][:batch_size].clone(), data.y["train"][:batch_size].clone()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def step() -> None:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        run.peak_bytes = torch.cuda.max_memory_allocated(device) - base
+    else:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                      profile_memory=True)
+        with quiet_stderr():  # the profiler's start/stop log lines
+            prof.start()
+        try:
+            step()
+        finally:
+            with quiet_stderr():
+                prof.stop()
+        # Every allocation (+bytes) and free (-bytes) of the step, in time order.
+        changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]")
+        level = peak = 0
+        for _, change in changes:
+            level += change
+            peak = max(peak, level)
+        run.peak_bytes = peak
+    run.saved_bytes = sum(storages.values())
+
+
+@torch.no_grad()
+def bn_histogram_data(model: nn.Module, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output of block2's BatchNorm on the validation split (eval mode)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        seen["in"], seen["out"] = inputs[0].detach().clone(), output.detach().clone()
+
+    handle = model.block2.bn.register_forward_hook(hook)
+    try:
+        evaluate(model, data, "val")
+    finally:
+        handle.remove()
+    return seen["in"].flatten().cpu(), seen["out"].flatten().cpu()
+
+
+def plot(runs: list[Run], histograms: dict[str, tuple[torch.Tensor, torch.Tensor]],
+         path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{run.name} ({run.order})" for run in runs]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ((curves, times), (before, after)) = plt.subplots(2, 2, figsize=(14, 10))
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        epochs = range(1, len(run.train_losses) + 1)
+        curves.plot(epochs, run.train_losses, color=colors[i], label=f"{label} train")
+        curves.plot(epochs, run.val_losses, color=colors[i], linestyle="--",
+                    label=f"{label} validation")
+        curves.axvline(run.best_epoch, color=colors[i], linestyle=":", linewidth=0.8)
+    curves.set(xlabel="epoch", ylabel="cross-entropy", yscale="log",
+               title="loss (solid: train, dashed: validation, dotted: best epoch)")
+    curves.legend(fontsize=7)
+
+    medians = [1e3 * statistics.median(run.epoch_seconds) for run in runs]
+    bars = times.barh(range(len(runs)), medians, color=colors[:len(runs)])
+    times.bar_label(bars, fmt="%.0f ms")
+    times.set_yticks(range(len(runs)), labels, fontsize=8)
+    times.invert_yaxis()
+    times.set(xlabel="median training time per epoch (ms)", title="time per epoch")
+
+    for axis, index, what in ((before, 0, "input"), (after, 1, "output")):
+        for (name, tensors), style in zip(histograms.items(), ("-", ":")):
+            axis.hist(tensors[index].numpy(), bins=80, histtype="step", density=True,
+                      linestyle=style, linewidth=1.5, label=name)
+        axis.set(xlabel="activation", ylabel="density",
+                 title=f"{what} of block2's BatchNorm (ReLU->BN, trained, eval mode, validation)")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary(runs: list[Run]) -> str:
+    header = (f"{'run':<19} {'order':<14} {'best val loss':>13} {'test acc':>8} "
+              f"{'epochs (best)':>13} {'ms/epoch':>8} {'vs torch.nn':>11} {'saved KiB':>9} "
+              f"{'peak KiB':>8}")
+    lines = [header, "-" * len(header)]
+    for i, run in enumerate(runs):
+        ms = 1e3 * statistics.median(run.epoch_seconds)
+        reference = 1e3 * statistics.median(runs[i - i % 2].epoch_seconds)
+        lines.append(
+            f"{run.name:<19} {run.order:<14} {run.best_val_loss:>13.4f} {run.test_accuracy:>8.4f} "
+            f"{f'{len(run.val_losses)} ({run.best_epoch})':>13} {ms:>8.1f} "
+            f"{ms / reference:>10.2f}x {run.saved_bytes / 1024:>9.1f} {run.peak_bytes / 1024:>8.1f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Keep cuDNN's algorithm choice from being a second source of difference between the runs.
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    torch.manual_seed(args.seed)
+    data = load_data(args.seed, device)
+    runs = build_runs(args, device)
+    n = {k: v.numel() for k, v in data.y.items()}
+    print(f"digits: {n['train']} train / {n['val']} validation / {n['test']} test images (8x8), "
+          f"device {device}, {torch.get_num_threads()} CPU threads, float32")
+    print(f"SGD lr={args.lr} momentum={args.momentum} weight_decay={args.weight_decay}, "
+          f"batch {args.batch_size}, dropout {args.dropout}, at most {args.max_epochs} epochs, "
+          f"patience {args.patience}, seed {args.seed}")
 
-    data = load_split(args.seed, device)
-    reference = build_model()
-    custom = copy.deepcopy(reference)
-    swapped = swap_batch_norm(custom)
-    leftover = [m for m in custom.modules() if type(m) is nn.BatchNorm2d]
-    if swapped == 0 or leftover:
-        raise RuntimeError(f"conversion failed: {swapped} swapped, {len(leftover)} torch.nn left")
+    for run in runs:  # one-time setup costs (thread pool, allocator) out of the timings
+        step_memory(run, data, args.batch_size, device)
 
-    runs: list[Run] = []
-    for name, model in (("torch.nn", reference), ("custom_bn", custom)):
-        model.to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-        runs.append(Run(name, model, optimizer, scheduler))
-    torch_run, custom_run = runs
-
-    n_train, n_test = data.y_train.numel(), data.y_test.numel()
-    print(f"digits: {n_train} train / {n_test} test images (8x8), device {device}, "
-          f"{torch.get_num_threads()} CPU threads, float32")
-    print(f"model: 3 x (conv3x3 -> BatchNorm2d -> ReLU), {swapped} BatchNorm2d swapped for "
-          f"custom_bn.BatchNorm2d; SGD lr={args.lr} momentum=0.9 cosine, batch {args.batch_size}, "
-          f"{args.epochs} epochs, seed {args.seed}")
-    for run in runs:
-        warm_up(run.model, data, args.batch_size)
-
-    header = (f"{'epoch':>5} | {'loss torch.nn':>13} {'loss custom_bn':>14} | "
-              f"{'acc torch.nn':>12} {'acc custom_bn':>13} | {'max |dloss|':>11}")
-    print(header)
-    print("-" * len(header))
-    orders = batch_orders(n_train, args.epochs, args.seed)
-    progress = tqdm(orders, desc="training", unit="epoch", dynamic_ncols=True)
-    for epoch, order in enumerate(progress, start=1):
-        steps_before = len(torch_run.step_losses)
-        # Interleaved epoch by epoch so both runs see the same machine conditions while timed.
-        for run in runs:
-            train_one_epoch(run, data, order, args.batch_size, device)
-            run.scheduler.step()
-            run.test_accuracies.append(test_accuracy(run.model, data))
-        epoch_diff = max(abs(a - b) for a, b in zip(torch_run.step_losses[steps_before:],
-                                                     custom_run.step_losses[steps_before:]))
-        progress.set_postfix(loss=f"{custom_run.epoch_losses[-1]:.4f}",
-                             acc=f"{custom_run.test_accuracies[-1]:.3f}")
-        tqdm.write(f"{epoch:>5} | {torch_run.epoch_losses[-1]:>13.6f} "
-                   f"{custom_run.epoch_losses[-1]:>14.6f} | {torch_run.test_accuracies[-1]:>12.4f} "
-                   f"{custom_run.test_accuracies[-1]:>13.4f} | {epoch_diff:>11.2e}")
+    generator = torch.Generator().manual_seed(args.seed)
+    progress = tqdm(range(1, args.max_epochs + 1), desc="epochs", unit="epoch",
+                    dynamic_ncols=True)
+    for epoch in progress:
+        order = torch.randperm(n["train"], generator=generator).to(device)
+        active = [run for run in runs if not run.stopped]
+        # Interleaved within the epoch, so every run meets the same machine conditions.
+        for run in active:
+            train_epoch(run, data, order, args.batch_size, args.seed * 1000 + epoch, device)
+            end_epoch(run, data, epoch, args.patience)
+        progress.set_postfix(active=len(active),
+                             best_val=f"{min(run.best_val_loss for run in runs):.4f}")
+        if all(run.stopped for run in runs):
+            break
     progress.close()
 
-    diffs = [abs(a - b) for a, b in zip(torch_run.step_losses, custom_run.step_losses)]
-    worst_step = max(range(len(diffs)), key=diffs.__getitem__)
-    first_epoch_steps = len(diffs) // args.epochs
-    worst_lockstep = max(diffs[:first_epoch_steps])
-    state_diff = max_state_difference(torch_run.model, custom_run.model)
-    print()
-    print(f"largest |loss difference| in epoch 1 ({first_epoch_steps} steps): "
-          f"{worst_lockstep:.3e} (tolerance {args.lockstep_tol:g})")
-    print(f"largest |loss difference| over all {len(diffs)} steps: {diffs[worst_step]:.3e} "
-          f"(step {worst_step + 1}; tolerance {args.loss_tol:g})")
-    print(f"largest |difference| of final parameters and buffers: {state_diff:.3e}")
-    for run in runs:
-        print(f"{run.name:>10}: test accuracy {run.test_accuracies[-1]:.4f}, "
-              f"training time {run.train_seconds:.2f} s")
-    ratio = custom_run.train_seconds / torch_run.train_seconds
-    print(f"time ratio custom_bn / torch.nn: {ratio:.2f}")
+    failures = []
+    for i, run in enumerate(runs):
+        run.model.load_state_dict(run.best_state)
+        _, run.test_accuracy = evaluate(run.model, data, "test")
+        if run.test_accuracy < args.min_accuracy:
+            failures.append(f"{run.name} ({run.order}) test accuracy {run.test_accuracy:.4f} "
+                            f"< {args.min_accuracy}")
+        if i % 2:
+            reference = runs[i - 1]
+            steps = len(run.step_losses) // len(run.train_losses)
+            lockstep = max(abs(a - b) for a, b in zip(reference.step_losses[:steps],
+                                                      run.step_losses[:steps]))
+            print(f"{run.order:<14} largest |loss difference| torch.nn vs {run.name} in epoch 1: "
+                  f"{lockstep:.2e}")
+            if lockstep > args.lockstep_tol:
+                failures.append(f"{run.order}: losses differ by {lockstep:.2e} in epoch 1 "
+                                f"(> {args.lockstep_tol:g})")
 
-    failures = [f"{run.name} test accuracy {run.test_accuracies[-1]:.4f} < {args.min_accuracy}"
-                for run in runs if run.test_accuracies[-1] < args.min_accuracy]
-    if worst_lockstep > args.lockstep_tol:
-        failures.append(f"losses differ in epoch 1: max |dloss| {worst_lockstep:.3e} "
-                        f"> {args.lockstep_tol:g}")
-    if diffs[worst_step] > args.loss_tol:
-        failures.append(f"losses diverge: max |dloss| {diffs[worst_step]:.3e} > {args.loss_tol:g}")
+    for run in runs:  # after training, for the state the summary describes
+        step_memory(run, data, args.batch_size, device)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.abspath(os.path.join(args.out, "train_digits.png"))
+    # The custom_bn run's trained weights, and torch.nn's layers holding the very same weights.
+    twin = build_model(relu_bn, args.dropout).to(device)
+    twin.load_state_dict(runs[1].model.state_dict())
+    plot(runs, {"custom_bn": bn_histogram_data(runs[1].model, data),
+                "torch.nn, same weights": bn_histogram_data(twin, data)}, path)
+    print(f"plot: {path}")
+    print()
+    print(summary(runs))
+    print(f"one training step, batch {args.batch_size}: saved KiB = activations autograd keeps "
+          "for backward; peak KiB = peak of the memory allocated during the step")
+
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
     if not failures:
-        print("OK: both networks reach the target accuracy with matching losses")
+        print("OK: every run reaches the target accuracy, each pair in lockstep in epoch 1")
     return 1 if failures else 0
 
 

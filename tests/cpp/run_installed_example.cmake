@@ -2,7 +2,9 @@
 #  1. the package is installed, and not older than the library just built;
 #  2. every installed header includes only headers that exist in the installed tree;
 #  3. examples/cpp, a separate project, configures with find_package(CustomBN) against the
-#     installed package (not the build tree), builds, and its program exits with 0.
+#     installed package (not the build tree), builds, and its program exits with 0;
+#  4. with -DPYTHON=..., its checkpoint exchange: checkpoint_exchange.py prepare, the C++ training
+#     program, checkpoint_exchange.py check (each must exit with 0).
 foreach(var INSTALL_PREFIX PACKAGE_DIR INSTALLED_LIBRARY BUILT_LIBRARY TORCH_PREFIX
             EXAMPLE_SOURCE_DIR EXAMPLE_BINARY_DIR GENERATOR)
   if(NOT DEFINED ${var})
@@ -84,3 +86,20 @@ execute_process(COMMAND "${EXAMPLE_BINARY_DIR}/custom_bn_example" RESULT_VARIABL
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "The example program failed (exit status ${rc})")
 endif()
+
+# 4. the checkpoint exchange with Python
+if(NOT PYTHON)
+  message(STATUS "No -DPYTHON: the checkpoint exchange with Python is not run")
+  return()
+endif()
+set(exchange_dir "${EXAMPLE_BINARY_DIR}/exchange")
+foreach(command IN ITEMS
+        "${PYTHON};${EXAMPLE_SOURCE_DIR}/checkpoint_exchange.py;prepare;${exchange_dir}"
+        "${EXAMPLE_BINARY_DIR}/custom_bn_train_checkpoint;${exchange_dir}"
+        "${PYTHON};${EXAMPLE_SOURCE_DIR}/checkpoint_exchange.py;check;${exchange_dir}")
+  execute_process(COMMAND ${command} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    list(JOIN command " " shown)
+    message(FATAL_ERROR "The checkpoint exchange failed at `${shown}` (exit status ${rc})")
+  endif()
+endforeach()
