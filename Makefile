@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.14.1
 PY_PACKAGES := torch==$(TORCH_VERSION) pytest hypothesis numpy ninja scikit-learn tqdm matplotlib expecttest \
-  onnx onnxscript onnxruntime
+  onnx onnxscript onnxruntime torchvision==0.29.1 timm==1.0.31
 DEBIAN_PACKAGES := libgtest-dev cmake ninja-build
 # Named after the package list, so a change to it installs again.
 SETUP_STAMP := $(VENV)/.custom_bn-setup-$(shell echo '$(PY_PACKAGES)' | md5sum | cut -c1-8)

@@ -69,9 +69,10 @@ inline void check_input(const char* op, const at::Tensor& input, const char* nam
               " must have shape (N, C, *) with at least 2 dims, got ",
               input.dim(), "-D ", name, " of shape ", describe_shape(input));
   const auto dt = input.scalar_type();
-  TORCH_CHECK(dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": ", name, " must be a floating-point tensor (float64, float32, float16 or bfloat16), got ",
-              dt);
+  // NotImplementedError, as torch raises for an integer, bool or complex input.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ",
+      name, " must be a floating-point tensor (float64, float32, float16 or bfloat16), got ", dt);
 }
 
 // weight, bias, running_mean, running_var: shape [C], on input's device, and one shared dtype

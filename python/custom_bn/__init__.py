@@ -22,7 +22,7 @@ from .modules import (
     InPlaceBatchNormAct3d,
 )
 from .sync import SyncBatchNorm, convert_sync_batchnorm
-from .convert import convert_model
+from .convert import convert_model, register_conversion
 from . import _interop  # noqa: F401  (torch.ao fusers, convert_sync_batchnorm warning)
 
 __version__ = "0.1.0"
@@ -42,5 +42,6 @@ __all__ = [
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "convert_model",
+    "register_conversion",
     "__version__",
 ]

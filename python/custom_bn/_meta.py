@@ -61,7 +61,7 @@ def _check_input(op: str, input: Tensor) -> None:
         lambda: f"{op}: input must have shape (N, C, *) with at least 2 dims, "
         f"got {input.dim()}-D input of shape {list(input.shape)}",
     )
-    torch._check(
+    torch._check_not_implemented(
         input.dtype in _FLOAT_DTYPES,
         lambda: f"{op}: input must be a floating-point tensor (float64, float32, float16 or "
         f"bfloat16), got {input.dtype}",

@@ -1,11 +1,20 @@
-"""``custom_bn.convert_model``: swap torch.nn BatchNorm layers of an existing model for custom_bn's
-(and back), optionally folding the activation that follows each into a fused BatchNormAct."""
+"""``custom_bn.convert_model``: swap the BatchNorm layers of an existing model for custom_bn's (and
+back), optionally folding the activation that follows each into a fused BatchNormAct.
+
+Which layers convert: torch.nn's BatchNorm1d/2d/3d and SyncBatchNorm (exact classes), the
+ecosystem's BatchNorm+activation layers that are known here (timm's ``BatchNormAct2d`` and
+``SyncBatchNormAct``), and any class registered with :func:`register_conversion`. Any other
+subclass of a torch.nn BatchNorm may compute something else in its ``forward``: it is left as
+it is, with a warning that names its class.
+"""
 
 import warnings
-from typing import Callable, Dict, Optional, Type
+from collections import Counter
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .modules import (
     BatchNorm1d,
@@ -15,10 +24,12 @@ from .modules import (
     BatchNormAct2d,
     BatchNormAct3d,
     _BatchNorm,
+    _fx_leaf_call,
+    _is_fx_proxy,
 )
 from .sync import SyncBatchNorm
 
-__all__ = ["convert_model"]
+__all__ = ["convert_model", "register_conversion", "rebuild"]
 
 _TO_CUSTOM: Dict[type, type] = {
     nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
@@ -30,19 +41,24 @@ _TO_TORCH: Dict[type, type] = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.Batc
                                BatchNorm3d: nn.BatchNorm3d, SyncBatchNorm: nn.SyncBatchNorm}
 _FUSED: Dict[type, type] = {BatchNorm1d: BatchNormAct1d, BatchNorm2d: BatchNormAct2d,
                             BatchNorm3d: BatchNormAct3d}
+# Exact classes: a subclass may override forward.
+_ACTIVATION_MODULES: Dict[type, Callable[[nn.Module], Tuple[str, Optional[float]]]] = {
+    nn.ReLU: lambda m: ("relu", None),
+    nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
+    nn.ELU: lambda m: ("elu", m.alpha),
+    nn.SiLU: lambda m: ("silu", None),
+}
+_ACTIVATION_FUNCTIONS = {torch.relu: ("relu", None), nn.functional.relu: ("relu", None),
+                         nn.functional.silu: ("silu", None)}
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
 
 
-def _activation_of(module: nn.Module):
+def _activation_of(module: nn.Module) -> Optional[Tuple[str, Optional[float]]]:
     """(activation, activation_param) of an activation module BatchNormAct can fuse, else None."""
-    if isinstance(module, nn.ReLU):
-        return "relu", None
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", module.negative_slope
-    if isinstance(module, nn.ELU):
-        return "elu", module.alpha
-    if isinstance(module, nn.SiLU):
-        return "silu", None
-    return None
+    spec = _ACTIVATION_MODULES.get(type(module))
+    return None if spec is None else spec(module)
 
 
 def _activation_module(activation: str, param: Optional[float]) -> nn.Module:
@@ -57,22 +73,307 @@ def _activation_module(activation: str, param: Optional[float]) -> nn.Module:
     return nn.Identity()
 
 
-def _rebuild(old: nn.modules.batchnorm._BatchNorm, cls: Type[nn.Module], **extra) -> nn.Module:
-    """A ``cls`` holding ``old``'s very parameters and buffers (so requires_grad, device, dtype,
-    memory format and an optimizer built on them carry over) and training flag."""
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def rebuild(layer: nn.Module, cls: Type[nn.Module], **kwargs: Any) -> nn.Module:
+    """A ``cls`` (a custom_bn or torch.nn BatchNorm class) built with ``layer``'s num_features,
+    eps, momentum, affine and track_running_stats plus ``kwargs``, that holds ``layer``'s very
+    parameters and buffers (so requires_grad, device, dtype, memory format and an optimizer
+    built on them carry over), its training flag and its forward/backward hooks. For the
+    ``convert`` function of :func:`register_conversion`."""
     if issubclass(cls, (nn.SyncBatchNorm, SyncBatchNorm)):
-        extra.setdefault("process_group", getattr(old, "process_group", None))
-    new = cls(old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
-              track_running_stats=old.track_running_stats, device="meta", **extra)
-    for name in ("weight", "bias"):
-        setattr(new, name, getattr(old, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(old, name))
-    new.train(old.training)
-    if hasattr(old, "qconfig"):
-        new.qconfig = old.qconfig
+        kwargs.setdefault("process_group", getattr(layer, "process_group", None))
+    new = cls(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+              track_running_stats=layer.track_running_stats, device="meta", **kwargs)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(layer, name))
+    new.train(layer.training)
+    for name in _HOOK_DICTS:  # shared, so the caller's hook handles still remove them
+        if hasattr(layer, name):
+            setattr(new, name, getattr(layer, name))
+    for name in ("qconfig", "_custom_bn_origin"):
+        if hasattr(layer, name):
+            setattr(new, name, getattr(layer, name))
     return new
 
+
+_rebuild = rebuild  # the name sync.convert_sync_batchnorm imports
+
+
+# ----------------------------------------------------------------------------- foreign layers
+
+class _Origin:
+    """What a converted foreign layer was: its class and its attributes other than tensors and
+    hooks, so that ``to="torch"`` gives back an instance of that class (its own ``forward``, its
+    state_dict keys) without knowing its constructor."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.cls = type(layer)
+        skip = {"_parameters", "_buffers", *_HOOK_DICTS}
+        self.attributes = {k: v for k, v in vars(layer).items() if k not in skip}
+        self.attributes["_modules"] = dict(layer._modules)
+
+
+class _BatchNormDropAct2d(BatchNorm2d):
+    """BatchNorm2d, then the foreign layer's own ``drop`` and ``act`` submodules (timm's order),
+    for the activations custom_bn does not fuse (hardswish, gelu, prelu, ...) or a drop layer
+    between the two. The submodules keep their names, hence the state_dict keys."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and _is_fx_proxy(input):
+            return _fx_leaf_call(self, (input,))
+        return self.act(self.drop(self._normalize(input, "identity", None, None)))
+
+
+class _SyncBatchNormDropAct(SyncBatchNorm):
+    """SyncBatchNorm, then ``drop`` and ``act``, as _BatchNormDropAct2d (timm's SyncBatchNormAct)."""
+
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
+        if _is_fx_proxy(input):
+            return _fx_leaf_call(self, (input,))
+        return self.act(self.drop(super().forward(input)))
+
+
+def _from_norm_act(plain: type, fused: type, then: type) -> Callable[[nn.Module], nn.Module]:
+    """Converter of a BatchNorm subclass that applies ``self.drop`` then ``self.act`` after the
+    normalization (timm's BatchNormAct2d, SyncBatchNormAct): the fused custom_bn layer when the
+    activation is one custom_bn fuses and there is no drop layer, else ``then`` holding both."""
+
+    def convert(layer: nn.Module) -> nn.Module:
+        drop, act = getattr(layer, "drop", nn.Identity()), getattr(layer, "act", nn.Identity())
+        spec = _activation_of(act)
+        if type(drop) is nn.Identity and type(act) is nn.Identity:
+            return rebuild(layer, plain)
+        if type(drop) is nn.Identity and spec is not None:
+            return rebuild(layer, fused, activation=spec[0], activation_param=spec[1])
+        new = rebuild(layer, then)
+        new.drop, new.act = drop, act
+        return new
+
+    return convert
+
+
+# Known by import path, so that custom_bn imports none of these libraries.
+_KNOWN: Dict[Tuple[str, str], Callable[[nn.Module], nn.Module]] = {
+    ("timm.layers.norm_act", "BatchNormAct2d"):
+        _from_norm_act(BatchNorm2d, BatchNormAct2d, _BatchNormDropAct2d),
+    ("timm.layers.norm_act", "SyncBatchNormAct"):
+        _from_norm_act(SyncBatchNorm, SyncBatchNorm, _SyncBatchNormDropAct),
+}
+_REGISTERED: Dict[type, Callable[[nn.Module], nn.Module]] = {}
+
+
+def register_conversion(cls: type, convert: Optional[Callable[[nn.Module], nn.Module]] = None) -> None:
+    """Teaches :func:`convert_model` a BatchNorm class of your own (or of a library).
+
+    ``convert(layer)`` returns the custom_bn module that replaces an instance ``layer`` of
+    exactly ``cls``; build it with :func:`custom_bn.convert.rebuild`, which moves the layer's
+    parameters, buffers, training flag and hooks onto it, e.g.
+    ``lambda layer: rebuild(layer, custom_bn.BatchNormAct2d, activation="relu")``. Without
+    ``convert``, ``cls`` must subclass a torch.nn BatchNorm class and compute what it computes:
+    it becomes that class's custom_bn twin. ``convert_model(..., to="torch")`` gives back an
+    instance of ``cls`` with the trained values, so its state_dict keeps its keys.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"custom_bn.register_conversion: cls must be an nn.Module class, got {cls!r}")
+    if convert is None:
+        base = next((c for c in cls.__mro__ if c in _TO_CUSTOM), None)
+        if base is None:
+            raise TypeError(
+                f"custom_bn.register_conversion: {cls.__name__} does not subclass a torch.nn "
+                "BatchNorm class (BatchNorm1d/2d/3d, SyncBatchNorm): pass convert=")
+        twin = _TO_CUSTOM[base]
+
+        def convert(layer: nn.Module) -> nn.Module:
+            return rebuild(layer, twin)
+
+    _REGISTERED[cls] = convert
+
+
+def _foreign_converter(module: nn.Module) -> Optional[Callable[[nn.Module], nn.Module]]:
+    cls = type(module)
+    return _REGISTERED.get(cls) or _KNOWN.get((cls.__module__, cls.__qualname__))
+
+
+def _restore_origin(m: nn.Module) -> nn.Module:
+    """The foreign layer ``m`` was converted from, holding ``m``'s tensors, flags and hooks."""
+    origin: _Origin = m._custom_bn_origin
+    layer = origin.cls.__new__(origin.cls)
+    state = dict(origin.attributes)
+    state["_modules"] = {**origin.attributes["_modules"], **m._modules}
+    state.update(_parameters=dict(m._parameters), _buffers=dict(m._buffers),
+                 _non_persistent_buffers_set=set(m._non_persistent_buffers_set),
+                 training=m.training)
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        if name in state:
+            state[name] = getattr(m, name)
+    state.update({name: getattr(m, name) for name in _HOOK_DICTS if hasattr(m, name)})
+    vars(layer).update(state)
+    return layer
+
+
+# ----------------------------------------------------------------------------- folding
+
+class _FoldedActivation(nn.Identity):
+    """Stands where an activation was folded into the BatchNormAct before it: passes its input
+    through, holds the original activation (module, not registered: no state, no duplicate in
+    named_modules) for ``convert_model(..., to="torch")``."""
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        vars(self)["activation"] = activation
+
+    def extra_repr(self) -> str:
+        return f"folded into the BatchNorm before it: {self.activation!r}"
+
+
+def _fold(bn: nn.Module, spec: Tuple[str, Optional[float]]) -> nn.Module:
+    fused = rebuild(bn, _FUSED[type(bn)], activation=spec[0], activation_param=spec[1])
+    fused._custom_bn_folded = True  # its activation's place holds a _FoldedActivation
+    return fused
+
+
+def _set(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, value)
+
+
+def _fold_sequentials(module: nn.Module) -> None:
+    """In every nn.Sequential, a custom_bn BatchNorm followed directly by a ReLU, LeakyReLU, ELU or
+    SiLU becomes the fused BatchNormAct, and the activation a _FoldedActivation (the indices,
+    hence the state_dict keys, stay)."""
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            bn, act = seq._modules[first], seq._modules[second]
+            spec = _activation_of(act)
+            if type(bn) in _FUSED and spec is not None and not _has_hooks(bn) and not _has_hooks(act):
+                seq._modules[first] = _fold(bn, spec)
+                seq._modules[second] = _FoldedActivation(act)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Keeps every module that owns buffers (BatchNorm layers above all) as one call: tracing
+    through it would run its in-place buffer updates on the real buffers."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (super().is_leaf_module(m, module_qualified_name)
+                or isinstance(m, (_TorchBatchNorm, _FoldedActivation)) or bool(m._buffers))
+
+
+def _foldable_pair(node: torch.fx.Node, owner: nn.Module, calls: Counter):
+    """(activation node, spec) when ``node`` calls a custom_bn BatchNorm, once in the trace, whose
+    only use is an activation custom_bn fuses (through nn.Identity modules, such as timm's
+    disabled drop_block between bn and act), else None."""
+    if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+        return None
+    bn = owner.get_submodule(node.target)
+    if type(bn) not in _FUSED or _has_hooks(bn):
+        return None
+    last = node
+    while len(last.users) == 1:
+        (user,) = last.users
+        if user.op != "call_module":
+            break
+        identity = owner.get_submodule(user.target)
+        if type(identity) is not nn.Identity or _has_hooks(identity):
+            break
+        last = user
+    if len(last.users) != 1:
+        return None
+    (user,) = last.users
+    if user.args != (last,):
+        return None
+    if user.op == "call_module" and not user.kwargs:
+        act = owner.get_submodule(user.target)
+        spec = None if _has_hooks(act) else _activation_of(act)
+    elif user.op == "call_function" and not user.kwargs.keys() - {"inplace"}:
+        spec = _ACTIVATION_FUNCTIONS.get(user.target)
+    else:
+        spec = None
+    return None if spec is None else (user, spec)
+
+
+def _owners_bottom_up(root: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """Modules whose forward may apply an activation to a still unfused BatchNorm's output,
+    innermost first (checked when reached, after the folds inside them)."""
+    tracer = _LeafTracer()
+    for name, m in reversed(list(root.named_modules())):
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or tracer.is_leaf_module(m, name):
+            continue
+        if any(type(sub) in _FUSED for sub in m.modules()):
+            yield name, m
+
+
+def _fold_traced(root: nn.Module) -> nn.Module:
+    """Folds the activations that forward methods apply to a BatchNorm's output (a shared
+    ``self.relu``, ``F.relu(self.bn(x))``), found by tracing each module with torch.fx, innermost
+    first. An activation module called once is swapped in place for a _FoldedActivation; an
+    activation function, or a module called more than once, is replaced in the graph of the
+    module that calls it, which becomes a torch.fx.GraphModule (same submodule names). Returns
+    the root, a GraphModule itself when its own forward was rewritten."""
+    untraceable: List[str] = []
+    for name, owner in _owners_bottom_up(root):
+        try:
+            graph = _LeafTracer().trace(owner)
+        except Exception:  # noqa: BLE001  (any forward torch.fx cannot trace)
+            if any(type(child) in _FUSED for child in owner.children()):
+                untraceable.append(name or type(owner).__name__)
+            continue
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        rewrites = []
+        for node in list(graph.nodes):
+            found = _foldable_pair(node, owner, calls)
+            if found is None:
+                continue
+            user, spec = found
+            if user.op == "call_module" and calls[user.target] == 1:
+                _set(owner, node.target, _fold(owner.get_submodule(node.target), spec))
+                _set(owner, user.target, _FoldedActivation(owner.get_submodule(user.target)))
+            elif not _has_hooks(owner):  # a GraphModule would not carry the owner's hooks
+                rewrites.append((node, user, spec))
+        if rewrites:
+            new = _rewrite(owner, graph, rewrites)
+            if new is not owner:
+                if not name:
+                    return new
+                _set(root, name, new)
+    if untraceable:
+        warnings.warn(
+            "custom_bn.convert_model: fuse_activation=True folds no activation into the BatchNorm "
+            f"layers of {', '.join(untraceable)}: torch.fx cannot trace their forward (they are "
+            "converted, unfused)")
+    return root
+
+
+def _rewrite(owner: nn.Module, graph: torch.fx.Graph, rewrites) -> nn.Module:
+    """``owner`` as a GraphModule whose graph calls a fused BatchNorm instead of BatchNorm then
+    activation; ``owner`` itself when the GraphModule would lose part of its state."""
+    gm = torch.fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+    if gm.state_dict().keys() != owner.state_dict().keys():  # e.g. a submodule forward never calls
+        warnings.warn(f"custom_bn.convert_model: fuse_activation=True leaves {type(owner).__name__} "
+                      "unfused: its traced graph does not use all of its parameters and buffers")
+        return owner
+    for node, user, spec in rewrites:
+        original = (gm.get_submodule(user.target) if user.op == "call_module"
+                    else _activation_module(*spec))
+        slot = node.target.replace(".", "_") + "_activation"
+        while hasattr(gm, slot):
+            slot += "_"
+        gm.add_submodule(slot, _FoldedActivation(original))
+        _set(gm, node.target, _fold(gm.get_submodule(node.target), spec))
+        with gm.graph.inserting_after(user):
+            placeholder = gm.graph.call_module(slot, user.args)
+        user.replace_all_uses_with(placeholder)
+        gm.graph.erase_node(user)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ----------------------------------------------------------------------------- the conversion
 
 def _replace(module: nn.Module, swap: Callable[[nn.Module], Optional[nn.Module]]) -> nn.Module:
     """module with every submodule m for which swap(m) is not None replaced, depth first."""
@@ -85,129 +386,86 @@ def _replace(module: nn.Module, swap: Callable[[nn.Module], Optional[nn.Module]]
 
 
 def _to_custom_bn(m: nn.Module) -> Optional[nn.Module]:
-    cls = _TO_CUSTOM.get(type(m))  # exact types: a user's subclass keeps its own forward
-    return None if cls is None else _rebuild(m, cls)
+    cls = _TO_CUSTOM.get(type(m))
+    if cls is not None:
+        return rebuild(m, cls)
+    convert = _foreign_converter(m)
+    if convert is None:
+        return None
+    new = convert(m)
+    new._custom_bn_origin = _Origin(m)
+    return new
 
 
 def _to_torch(m: nn.Module) -> Optional[nn.Module]:
+    if isinstance(m, _FoldedActivation):
+        return m.activation
+    if hasattr(m, "_custom_bn_origin"):
+        return _restore_origin(m)
     if not isinstance(m, _BatchNorm):
         return None
-    plain = _rebuild(m, _torch_class(m))
+    plain = rebuild(m, _TO_TORCH[next(c for c in type(m).__mro__ if c in _TO_TORCH)])
     activation = getattr(m, "activation", "identity")
-    if activation == "identity":
+    if activation == "identity" or getattr(m, "_custom_bn_folded", False):
         return plain
-    # Fused: BatchNorm then the activation module (the weights move under ".0.").
+    # A fused layer built as such: BatchNorm then the activation module (weights under ".0.").
     return nn.Sequential(plain, _activation_module(activation, m.activation_param))
 
 
-def _torch_class(m: nn.Module) -> type:
-    return _TO_TORCH[next(c for c in type(m).__mro__ if c in _TO_TORCH)]
-
-
-def _unfuse_sequentials(module: nn.Module) -> None:
-    """The inverse of _fuse_sequentials: a fused custom_bn layer followed by an nn.Identity in an
-    nn.Sequential becomes the torch.nn BatchNorm, and the Identity the activation module."""
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
-            bn, slot = seq._modules[first], seq._modules[second]
-            activation = getattr(bn, "activation", "identity")
-            if isinstance(bn, _BatchNorm) and activation != "identity" and type(slot) is nn.Identity:
-                seq._modules[first] = _rebuild(bn, _torch_class(bn))
-                seq._modules[second] = _activation_module(activation, bn.activation_param)
-
-
-def _fuse_sequentials(module: nn.Module) -> int:
-    """In every nn.Sequential, a custom_bn BatchNorm followed directly by a ReLU, LeakyReLU, ELU or
-    SiLU becomes the fused BatchNormAct and the activation an nn.Identity (the indices, hence
-    the state_dict keys, stay). Returns how many were fused."""
-    fused = 0
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
-            bn, act = seq._modules[first], seq._modules[second]
-            spec = _activation_of(act)
-            if type(bn) in _FUSED and spec is not None:
-                seq._modules[first] = _rebuild(bn, _FUSED[type(bn)], activation=spec[0],
-                                               activation_param=spec[1])
-                seq._modules[second] = nn.Identity()
-                fused += 1
-    return fused
-
-
-def _fuse_graph(module: nn.Module) -> nn.Module:
-    """The same fusion through torch.fx, for models whose forward applies an activation module
-    or function to a BatchNorm's output (a shared ``self.relu``, ``F.relu(self.bn(x))``). Returns
-    a GraphModule when something was fused, else ``module``."""
-    try:
-        gm = torch.fx.symbolic_trace(module)
-    except Exception as error:  # noqa: BLE001  (any untraceable forward)
-        warnings.warn(f"custom_bn.convert_model: fuse_activation folds only activations in "
-                      f"nn.Sequential here: torch.fx cannot trace the model ({error})")
-        return module
-    functions = {torch.relu: ("relu", None), nn.functional.relu: ("relu", None),
-                 nn.functional.silu: ("silu", None)}
-    modules = dict(gm.named_modules())
-    fused = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or type(modules[node.target]) not in _FUSED or len(node.users) != 1:
-            continue
-        if len(node.args) != 1 or node.kwargs:
-            continue
-        (user,) = node.users
-        spec = None
-        if user.op == "call_module":
-            spec = _activation_of(modules[user.target])
-        elif user.op == "call_function" and not user.kwargs.keys() - {"inplace"}:
-            spec = functions.get(user.target)
-        if spec is None or user.args[0] is not node or len(user.args) != 1:
-            continue
-        bn = modules[node.target]
-        parent_name, _, attr = node.target.rpartition(".")
-        parent = gm.get_submodule(parent_name) if parent_name else gm
-        setattr(parent, attr, _rebuild(bn, _FUSED[type(bn)], activation=spec[0], activation_param=spec[1]))
-        user.replace_all_uses_with(node)
-        gm.graph.erase_node(user)
-        fused += 1
-    if not fused:
-        return module
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+def _warn_unconverted(module: nn.Module) -> None:
+    left = sorted({type(m).__name__ for m in module.modules()
+                   if isinstance(m, _TorchBatchNorm) and not isinstance(m, _BatchNorm)})
+    if left:
+        warnings.warn(
+            f"custom_bn.convert_model: left the BatchNorm subclasses {', '.join(left)} as they "
+            "are (their forward may differ from torch.nn's); custom_bn.register_conversion "
+            "teaches convert_model a class")
 
 
 def convert_model(module: nn.Module, fuse_activation: bool = False, to: str = "custom_bn") -> nn.Module:
     """Returns ``module`` with its BatchNorm layers swapped.
 
-    ``to="custom_bn"`` (default): every torch.nn BatchNorm1d/2d/3d becomes the custom_bn twin and
-    every torch.nn.SyncBatchNorm a custom_bn.SyncBatchNorm (same process group). The converted
-    layers hold the original parameter and buffer objects (requires_grad, device, dtype, memory
-    format and an existing optimizer's references carry over) and training flag; subclasses of
-    the torch.nn classes are left alone (their forward may differ). With
-    ``fuse_activation=True`` a ReLU, LeakyReLU, ELU or SiLU that directly follows a BatchNorm is
-    folded into a BatchNormAct: inside an nn.Sequential the activation becomes an nn.Identity
-    (same indices and state_dict keys); elsewhere, when torch.fx can trace the model, the fused
-    model is returned as a torch.fx.GraphModule with the same submodule names.
+    ``to="custom_bn"`` (default): every torch.nn BatchNorm1d/2d/3d becomes the custom_bn twin,
+    every torch.nn.SyncBatchNorm a custom_bn.SyncBatchNorm (same process group), timm's
+    BatchNormAct2d (SyncBatchNormAct) the fused custom_bn BatchNormAct2d (SyncBatchNorm) with
+    its activation when custom_bn fuses it (relu, leaky_relu, elu, silu) and no drop layer
+    sits between the two, else a custom_bn BatchNorm followed by timm's own drop and act
+    modules; classes registered with :func:`register_conversion` follow their converter.
+    The converted layers hold the original parameter and buffer objects (requires_grad,
+    device, dtype, memory format and an existing optimizer's references carry over), training
+    flag and forward/backward hooks; the state_dict keys do not change. Other subclasses of
+    the torch.nn classes are left alone, with a warning (their forward may differ).
+
+    ``fuse_activation=True`` also folds a ReLU, LeakyReLU, ELU or SiLU applied directly to a
+    converted BatchNorm's output into a BatchNormAct: in an nn.Sequential, or an activation
+    module that a forward calls once, the activation's slot then holds an identity placeholder
+    (same names and state_dict keys); an activation function (``F.relu(self.bn(x))``) or a
+    module called more than once (torchvision's shared ``self.relu``) is rewritten in the
+    torch.fx graph of the innermost module that calls it, which becomes a GraphModule with the
+    same submodule names. Layers or activations with hooks are not folded (a hook would see
+    another tensor). Tracing keeps every module that owns buffers as one call, so no buffer
+    update runs during conversion.
 
     ``to="torch"``: back to torch.nn (custom_bn BatchNorm, BatchNormAct, InPlaceBatchNormAct and
-    SyncBatchNorm). A fused layer followed by an nn.Identity in an nn.Sequential (what
-    ``fuse_activation`` leaves) gets its activation module back in that slot, so the round trip
-    restores the original structure and state_dict keys; any other fused layer becomes
-    ``nn.Sequential(BatchNorm, activation)``, whose weights sit one level deeper (``.0.``).
+    SyncBatchNorm) or to the foreign class a layer was converted from; folded activations
+    return to their slots, so the round trip restores the structure and state_dict keys. A
+    fused layer built as such becomes ``nn.Sequential(BatchNorm, activation)``, whose weights
+    sit one level deeper (``.0.``).
 
-    The module is changed in place where it can be (its children replaced); always use the
-    returned module, which differs when ``module`` itself is a BatchNorm or an fx rewrite ran.
+    The conversion never changes the values or versions of ``module``'s parameters and buffers,
+    nor their hooks and training flags; it replaces ``module``'s children in place where it
+    can. Always use the returned module, which differs when ``module`` itself is a BatchNorm
+    or an fx rewrite of its own forward ran.
     """
     if to == "custom_bn":
         module = _replace(module, _to_custom_bn)
+        _warn_unconverted(module)
         if fuse_activation:
-            _fuse_sequentials(module)
-            if not isinstance(module, nn.Sequential):
-                module = _fuse_graph(module)
+            _fold_sequentials(module)
+            module = _fold_traced(module)
         return module
     if to == "torch":
         if fuse_activation:
             raise ValueError("custom_bn.convert_model: fuse_activation applies to to='custom_bn'")
-        _unfuse_sequentials(module)
         return _replace(module, _to_torch)
     raise ValueError(f"custom_bn.convert_model: to must be 'custom_bn' or 'torch', got {to!r}")

@@ -183,6 +183,12 @@ def _as_channel_vector(t: Optional[Tensor], channels: int) -> Optional[Tensor]:
 
 
 @torch.jit.unused
+def _onnx_exporting() -> bool:
+    """torch.onnx.export is tracing the model (dynamo or TorchScript exporter)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
+
+
+@torch.jit.unused
 def _eager_batch_norm(
     input: Tensor,
     weight: Optional[Tensor],
@@ -197,6 +203,14 @@ def _eager_batch_norm(
     residual: Optional[Tensor] = None,
 ) -> Tensor:
     """The operator call outside TorchScript (which has its own branch above)."""
+    if _onnx_exporting():
+        # ONNX export (torch.onnx.export, with or without dynamo): torch's own batch norm and
+        # epilogue, which every ONNX exporter translates into standard operators
+        # (BatchNormalization, Add, the activation), so no translation table is needed.
+        output = torch.nn.functional.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+        return _transforms.epilogue(output, residual, activation, activation_param)
     if (not training and running_mean is not None and running_var is not None
             and torch.compiler.is_compiling() and not _transforms.transforms_active()):
         # Evaluation only reads the running statistics, but the training operators' schemas mark
@@ -236,10 +250,12 @@ def _eager_batch_norm_act_(
     activation_param: float,
 ) -> None:
     """The in-place operator call outside TorchScript."""
-    if torch.compiler.is_compiling() or _transforms.transforms_active():
-        # Traced graphs and torch.func get the fused op's values and derivatives, written into
-        # input with copy_, which functionalization and the transforms handle. The fused op
-        # keeps its input for backward: it gets a copy, since input is then overwritten.
+    if torch.compiler.is_compiling() or _transforms.transforms_active() or _onnx_exporting():
+        # Traced graphs (ONNX's TorchScript exporter too, which would drop an in-place op
+        # whose result nothing reads) and torch.func get the fused op's values and
+        # derivatives, written into input with copy_, which functionalization and the
+        # transforms handle. The fused op keeps its input for backward: it gets a copy, since
+        # input is then overwritten.
         _meta.check_inplace_activation("custom_bn.batch_norm", activation, activation_param)
         output = _eager_batch_norm(
             input.clone(), weight, bias, running_mean, running_var, training, momentum, eps,

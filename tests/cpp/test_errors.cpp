@@ -129,6 +129,13 @@ TEST_F(BatchNormErrors, ChannelCountDifferentFromRunningStats) {
 }
 
 TEST_F(BatchNormErrors, IntegerInput) {
+  // c10::NotImplementedError (Python's NotImplementedError), the class at::batch_norm throws.
+  EXPECT_THROW(custom_bn::batch_norm(torch::randint(0, 10, {4, kC, 5}), std::nullopt,
+                                     std::nullopt, running_mean, running_var, true),
+               c10::NotImplementedError);
+  EXPECT_THROW(at::batch_norm(torch::randint(0, 10, {4, kC, 5}), std::nullopt, std::nullopt,
+                              running_mean, running_var, true, 0.1, 1e-5, false),
+               c10::NotImplementedError);
   expect_rejected(
       [&] {
         custom_bn::batch_norm(torch::randint(0, 10, {4, kC, 5}), std::nullopt, std::nullopt,

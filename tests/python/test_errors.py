@@ -183,20 +183,32 @@ def test_momentum_none_one_value_per_channel_keeps_counter():
 # ---------------------------------------------------------------- dtypes
 
 
-@pytest.mark.parametrize(
-    "dtype",
-    [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64],
-    ids=lambda d: str(d)[6:],
-)
-def test_rejects_non_floating_input(dtype):
+_NON_FLOATING = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                 torch.bool, torch.complex64, torch.complex128, torch.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", _NON_FLOATING, ids=lambda d: str(d)[6:])
+def test_rejects_non_floating_input_as_torch_does(dtype, training):
+    """Every dtype torch's batch norm rejects, with torch's exception class (NotImplementedError
+    today, checked against torch itself), a message naming custom_bn and the dtype, and the
+    running statistics and counter untouched."""
     x = torch.zeros(4, 3, 2, 2, dtype=dtype)
-    m = _trained_bn2d()
-    pattern = "input must be a floating-point tensor .*got"
-    _assert_rejected(lambda: m(x), RuntimeError, pattern, m)
     rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(Exception) as theirs:
+        torch.nn.functional.batch_norm(x, rm, rv, training=training)
+    expected = type(theirs.value)
+    assert expected is NotImplementedError
+    m = _trained_bn2d().train(training)
+    pattern = r"custom_bn.*input must be a floating-point tensor .*got " + {
+        torch.bool: "Bool", torch.int64: "Long", torch.complex64: "ComplexFloat",
+    }.get(dtype, "")
+    _assert_rejected(lambda: m(x), expected, pattern, m)
     _assert_rejected(
-        lambda: F.batch_norm(x, rm, rv, training=True), RuntimeError, pattern, tensors=(rm, rv)
+        lambda: F.batch_norm(x, rm, rv, training=training), expected, pattern, tensors=(rm, rv)
     )
+    fused = custom_bn.BatchNormAct2d(3, activation="silu").train(training)
+    _assert_rejected(lambda: fused(x), expected, pattern, fused)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
-"""ONNX export (torch.onnx.export(..., dynamo=True)) of models with custom_bn layers: a standard
-ONNX graph (BatchNormalization, Add, the activations; no custom domain) that onnxruntime runs to
-the eager outputs, in evaluation mode, float32."""
+"""ONNX export of models with custom_bn layers, as every tutorial calls it
+(``torch.onnx.export(model, args, path)``, no extra argument): a standard ONNX graph
+(BatchNormalization, Add, the activations; no custom domain) that onnxruntime runs to the eager
+outputs, in evaluation mode, float32; and the translation table for a program exported before."""
 
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
+import torch.nn.functional as TF
 from torch import nn
 
 import custom_bn
@@ -14,24 +16,52 @@ import custom_bn.onnx
 
 STANDARD = {"BatchNormalization", "Add", "Relu", "LeakyRelu", "Elu", "Sigmoid", "Mul", "Conv",
             "ReduceMean", "Slice", "Tile", "Expand", "Shape", "Constant", "CastLike", "Reshape",
-            "Identity", "Concat", "Flatten", "Gemm", "MatMul", "Cast"}
+            "Identity", "Concat", "Flatten", "Gemm", "MatMul", "Cast", "Squeeze", "Unsqueeze"}
 
 
 class _Model(nn.Module):
+    """Every custom_bn layer kind, with non-default eps and activation parameters."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = custom_bn.BatchNorm2d(4)
-        self.act = custom_bn.BatchNormAct2d(4, "leaky_relu", 0.2)
+        self.bn = custom_bn.BatchNorm2d(4, eps=0.1)
+        self.act = custom_bn.BatchNormAct2d(4, "leaky_relu", 0.2, eps=1e-3)
         self.silu = custom_bn.BatchNormAct2d(4, "silu", affine=False)
-        self.inplace = custom_bn.InPlaceBatchNormAct2d(4, "elu", 0.5)
+        self.inplace = custom_bn.InPlaceBatchNormAct2d(4, "elu", 0.5, eps=0.05)
+        self.sync = custom_bn.SyncBatchNorm(4, eps=1e-3, activation="relu")
+        self.bn3d = custom_bn.BatchNormAct3d(4, "elu", 0.7)
+        self.bn1d = custom_bn.BatchNorm1d(4, eps=1e-3)
         self.head = custom_bn.BatchNormAct1d(4, "relu")
 
     def forward(self, x):
         y = self.bn(self.conv(x))
         z = self.act(y, residual=y * 0.5)
-        z = self.inplace(self.silu(z) * 1.0)
-        return self.head(z.mean((2, 3)))
+        z = self.sync(self.inplace(self.silu(z) * 1.0))
+        z = self.bn3d(z.unsqueeze(2)).squeeze(2)
+        z = self.bn1d(z.flatten(2)).mean(2)
+        return self.head(z)
+
+
+def _torch_forward(model: _Model, x: torch.Tensor) -> torch.Tensor:
+    """_Model.forward computed with torch.nn.functional in evaluation mode."""
+    acts = {"identity": lambda y, p: y, "relu": lambda y, p: TF.relu(y),
+            "leaky_relu": lambda y, p: TF.leaky_relu(y, p), "elu": TF.elu,
+            "silu": lambda y, p: TF.silu(y)}
+
+    def bn(m, x, residual=None):
+        y = TF.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+        activation = getattr(m, "activation", "identity")
+        default = {"leaky_relu": 0.01, "elu": 1.0}.get(activation)
+        param = m.activation_param if getattr(m, "activation_param", None) is not None else default
+        return acts[activation](y if residual is None else y + residual, param)
+
+    y = bn(model.bn, model.conv(x))
+    z = bn(model.act, y, y * 0.5)
+    z = bn(model.sync, bn(model.inplace, bn(model.silu, z) * 1.0))
+    z = bn(model.bn3d, z.unsqueeze(2)).squeeze(2)
+    z = bn(model.bn1d, z.flatten(2)).mean(2)
+    return bn(model.head, z)
 
 
 def _randomized(model: nn.Module) -> nn.Module:
@@ -47,33 +77,57 @@ def _randomized(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_onnx_export_runs_in_onnxruntime(tmp_path, channels_last):
-    model = _randomized(_Model())
-    x = torch.randn(2, 3, 6, 6)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    path = str(tmp_path / "model.onnx")
-    custom_bn.onnx.export(model, (x,), path)
+def _run(path: str, x: torch.Tensor):
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.contiguous().numpy()})
+    return got
+
+
+def _assert_standard(path: str, batch_norms: int) -> None:
     graph = onnx.load(path).graph
     ops = {n.op_type for n in graph.node}
     assert {n.domain for n in graph.node} <= {""}, "custom domain in the exported graph"
     assert ops <= STANDARD, ops - STANDARD
-    # five BatchNorm layers; torch.onnx's optimizer folds the first into the Conv before it
-    assert sum(n.op_type == "BatchNormalization" for n in graph.node) >= 4
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.contiguous().numpy()})
+    # torch.onnx's optimizer may fold the first BatchNorm into the Conv before it
+    assert sum(n.op_type == "BatchNormalization" for n in graph.node) >= batch_norms
+
+
+@pytest.mark.parametrize("extra", [{}, {"dynamo": True}, {"dynamo": False}],
+                         ids=["default-call", "dynamo", "torchscript-exporter"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_torch_onnx_export_needs_no_extra_argument(tmp_path, channels_last, extra):
+    model = _randomized(_Model())
+    x = torch.randn(2, 3, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = {k: (v.clone(), v._version) for k, v in model.state_dict().items()}
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(model, (x,), path, **extra)
+    for k, v in model.state_dict().items():  # exporting changed nothing
+        assert torch.equal(v, before[k][0]) and v._version == before[k][1], k
+    _assert_standard(path, 7)
     with torch.no_grad():
         want = model(x)
-    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_run(path, x), want.numpy(), rtol=1e-5, atol=1e-5)
+    # and what torch computes with the same weights (eps and activation parameters kept)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(path, x), _torch_forward(model, x).numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_translation_table_with_torch_onnx_export(tmp_path):
-    model = _randomized(nn.Sequential(nn.Conv2d(3, 4, 1), custom_bn.BatchNorm2d(4), nn.ReLU()))
-    x = torch.randn(1, 3, 4, 4)
-    path = str(tmp_path / "plain.onnx")
-    torch.onnx.export(model, (x,), path, dynamo=True,
-                      custom_translation_table=custom_bn.onnx.translation_table())
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+def test_export_helper_and_translation_table_for_an_exported_program(tmp_path):
+    """A program exported beforehand carries the custom_bn operators themselves: the translation
+    table turns them into standard ONNX."""
+    model = _randomized(_Model())
+    x = torch.randn(2, 3, 6, 6)
+    program = torch.export.export(model, (x,))
+    assert torch.ops.custom_bn.batch_norm_inference.default in {
+        n.target for n in program.graph.nodes}
+    path = str(tmp_path / "program.onnx")
+    torch.onnx.export(program, (x,), path, custom_translation_table=custom_bn.onnx.translation_table())
+    _assert_standard(path, 7)
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(_run(path, x), want, rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / "helper.onnx")
+    custom_bn.onnx.export(model, (x,), path)
+    np.testing.assert_allclose(_run(path, x), want, rtol=1e-5, atol=1e-5)
