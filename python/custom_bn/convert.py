@@ -8,6 +8,7 @@ subclass of a torch.nn BatchNorm may compute something else in its ``forward``: 
 it is, with a warning that names its class.
 """
 
+import inspect
 import warnings
 from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
@@ -23,6 +24,9 @@ from .modules import (
     BatchNormAct1d,
     BatchNormAct2d,
     BatchNormAct3d,
+    InPlaceBatchNormAct1d,
+    InPlaceBatchNormAct2d,
+    InPlaceBatchNormAct3d,
     _BatchNorm,
     _fx_leaf_call,
     _is_fx_proxy,
@@ -53,6 +57,10 @@ _ACTIVATION_FUNCTIONS = {torch.relu: ("relu", None), nn.functional.relu: ("relu"
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks")
+# What moves with a layer: its hooks (the dicts are shared, so the caller's handles still remove
+# them), the flag that tells full from legacy backward hooks, qconfig, and custom_bn's own marks.
+_HOOKS_AND_FLAGS = (*_HOOK_DICTS, "_is_full_backward_hook", "qconfig")
+_CARRIED = (*_HOOKS_AND_FLAGS, "_custom_bn_origin", "_custom_bn_folded")
 
 
 def _activation_of(module: nn.Module) -> Optional[Tuple[str, Optional[float]]]:
@@ -70,7 +78,9 @@ def _activation_module(activation: str, param: Optional[float]) -> nn.Module:
         return nn.ELU(1.0 if param is None else param)
     if activation == "silu":
         return nn.SiLU()
-    return nn.Identity()
+    if activation == "identity":
+        return nn.Identity()
+    raise ValueError(f"custom_bn.convert_model: unknown activation {activation!r}")
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -90,30 +100,25 @@ def rebuild(layer: nn.Module, cls: Type[nn.Module], **kwargs: Any) -> nn.Module:
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         setattr(new, name, getattr(layer, name))
     new.train(layer.training)
-    for name in _HOOK_DICTS:  # shared, so the caller's hook handles still remove them
-        if hasattr(layer, name):
-            setattr(new, name, getattr(layer, name))
-    for name in ("qconfig", "_custom_bn_origin"):
+    for name in _CARRIED:
         if hasattr(layer, name):
             setattr(new, name, getattr(layer, name))
     return new
 
 
-_rebuild = rebuild  # the name sync.convert_sync_batchnorm imports
-
-
 # ----------------------------------------------------------------------------- foreign layers
 
 class _Origin:
-    """What a converted foreign layer was: its class and its attributes other than tensors and
-    hooks, so that ``to="torch"`` gives back an instance of that class (its own ``forward``, its
+    """What a converted module was (a foreign BatchNorm layer, or a module whose forward a fold
+    rewrote into a GraphModule): its class and its attributes other than tensors and hooks, so
+    that ``to="torch"`` gives back an instance of that class (its own ``forward``, methods and
     state_dict keys) without knowing its constructor."""
 
-    def __init__(self, layer: nn.Module) -> None:
-        self.cls = type(layer)
-        skip = {"_parameters", "_buffers", *_HOOK_DICTS}
-        self.attributes = {k: v for k, v in vars(layer).items() if k not in skip}
-        self.attributes["_modules"] = dict(layer._modules)
+    def __init__(self, module: nn.Module) -> None:
+        self.cls = type(module)
+        skip = {"_parameters", "_buffers", *_CARRIED}
+        self.attributes = {k: v for k, v in vars(module).items() if k not in skip}
+        self.attributes["_modules"] = dict(module._modules)
 
 
 class _BatchNormDropAct2d(BatchNorm2d):
@@ -198,20 +203,19 @@ def _foreign_converter(module: nn.Module) -> Optional[Callable[[nn.Module], nn.M
 
 
 def _restore_origin(m: nn.Module) -> nn.Module:
-    """The foreign layer ``m`` was converted from, holding ``m``'s tensors, flags and hooks."""
+    """The module ``m`` was converted from, holding ``m``'s tensors, submodules (by the original
+    names), public attributes (eps, momentum, process_group, ...), flags and hooks."""
     origin: _Origin = m._custom_bn_origin
-    layer = origin.cls.__new__(origin.cls)
+    module = origin.cls.__new__(origin.cls)
     state = dict(origin.attributes)
-    state["_modules"] = {**origin.attributes["_modules"], **m._modules}
+    state.update({k: v for k, v in vars(m).items() if not k.startswith("_") and k in state})
+    state["_modules"] = {name: m._modules.get(name, child)
+                         for name, child in origin.attributes["_modules"].items()}
     state.update(_parameters=dict(m._parameters), _buffers=dict(m._buffers),
-                 _non_persistent_buffers_set=set(m._non_persistent_buffers_set),
-                 training=m.training)
-    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
-        if name in state:
-            state[name] = getattr(m, name)
-    state.update({name: getattr(m, name) for name in _HOOK_DICTS if hasattr(m, name)})
-    vars(layer).update(state)
-    return layer
+                 _non_persistent_buffers_set=set(m._non_persistent_buffers_set))
+    state.update({name: getattr(m, name) for name in _HOOKS_AND_FLAGS if hasattr(m, name)})
+    vars(module).update(state)
+    return module
 
 
 # ----------------------------------------------------------------------------- folding
@@ -224,6 +228,7 @@ class _FoldedActivation(nn.Identity):
     def __init__(self, activation: nn.Module) -> None:
         super().__init__()
         vars(self)["activation"] = activation
+        self.train(activation.training)
 
     def extra_repr(self) -> str:
         return f"folded into the BatchNorm before it: {self.activation!r}"
@@ -244,7 +249,7 @@ def _fold_sequentials(module: nn.Module) -> None:
     """In every nn.Sequential, a custom_bn BatchNorm followed directly by a ReLU, LeakyReLU, ELU or
     SiLU becomes the fused BatchNormAct, and the activation a _FoldedActivation (the indices,
     hence the state_dict keys, stay)."""
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+    for seq in [m for m in module.modules() if type(m) is nn.Sequential]:  # not a subclass's forward
         names = list(seq._modules)
         for first, second in zip(names, names[1:]):
             bn, act = seq._modules[first], seq._modules[second]
@@ -255,45 +260,75 @@ def _fold_sequentials(module: nn.Module) -> None:
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Keeps every module that owns buffers (BatchNorm layers above all) as one call: tracing
-    through it would run its in-place buffer updates on the real buffers."""
+    """Keeps as one call every module that owns buffers (BatchNorm layers above all: tracing
+    through one would run its in-place buffer updates on the real buffers) or has hooks
+    (tracing through would call them with proxies, and a rewritten graph would skip them)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (super().is_leaf_module(m, module_qualified_name)
+        return (super().is_leaf_module(m, module_qualified_name) or _has_hooks(m)
                 or isinstance(m, (_TorchBatchNorm, _FoldedActivation)) or bool(m._buffers))
 
 
-def _foldable_pair(node: torch.fx.Node, owner: nn.Module, calls: Counter):
-    """(activation node, spec) when ``node`` calls a custom_bn BatchNorm, once in the trace, whose
-    only use is an activation custom_bn fuses (through nn.Identity modules, such as timm's
-    disabled drop_block between bn and act), else None."""
-    if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
-        return None
-    bn = owner.get_submodule(node.target)
-    if type(bn) not in _FUSED or _has_hooks(bn):
-        return None
-    last = node
-    while len(last.users) == 1:
+def _foldable_pairs(graph: torch.fx.Graph, owner: nn.Module) -> Dict[tuple, tuple]:
+    """The BatchNorm -> activation pairs of a trace of ``owner``: a call of a custom_bn BatchNorm,
+    once in the trace, whose only use (through nn.Identity modules, such as timm's disabled
+    drop_block between bn and act) is an activation custom_bn fuses. Keyed by what identifies
+    the pair in any trace: (bn path, activation module path or function)."""
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        bn = owner.get_submodule(node.target)
+        if type(bn) not in _FUSED or _has_hooks(bn):
+            continue
+        last = node
+        while len(last.users) == 1:
+            (user,) = last.users
+            if user.op != "call_module":
+                break
+            identity = owner.get_submodule(user.target)
+            if type(identity) is not nn.Identity or _has_hooks(identity):
+                break
+            last = user
+        if len(last.users) != 1:
+            continue
         (user,) = last.users
-        if user.op != "call_module":
-            break
-        identity = owner.get_submodule(user.target)
-        if type(identity) is not nn.Identity or _has_hooks(identity):
-            break
-        last = user
-    if len(last.users) != 1:
-        return None
-    (user,) = last.users
-    if user.args != (last,):
-        return None
-    if user.op == "call_module" and not user.kwargs:
-        act = owner.get_submodule(user.target)
-        spec = None if _has_hooks(act) else _activation_of(act)
-    elif user.op == "call_function" and not user.kwargs.keys() - {"inplace"}:
-        spec = _ACTIVATION_FUNCTIONS.get(user.target)
-    else:
         spec = None
-    return None if spec is None else (user, spec)
+        if user.args == (last,) and user.op == "call_module" and not user.kwargs:
+            act = owner.get_submodule(user.target)
+            spec = None if _has_hooks(act) else _activation_of(act)
+            shared = calls[user.target] > 1
+        elif user.args == (last,) and user.op == "call_function" and not user.kwargs.keys() - {"inplace"}:
+            spec, shared = _ACTIVATION_FUNCTIONS.get(user.target), True
+        if spec is not None:
+            pairs[(node.target, user.target)] = (node, user, spec, shared)
+    return pairs
+
+
+def _traces(owner: nn.Module) -> List[torch.fx.Graph]:
+    """``owner`` traced in training and in evaluation mode and, when its forward has arguments
+    with defaults, with those given and left at their defaults: a fold must hold on whichever
+    path a call takes (the training flags are put back afterwards)."""
+    parameters = inspect.signature(owner.forward).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    flags = [(m, m.training) for m in owner.modules()]
+    graphs = []
+    try:
+        for mode in (True, False):
+            owner.train(mode)
+            for concrete in ([None, defaults] if defaults else [None]):
+                graphs.append(_LeafTracer().trace(owner, concrete_args=concrete))
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return graphs
+
+
+def _same_graph(a: torch.fx.Graph, b: torch.fx.Graph) -> bool:
+    def nodes(g):
+        return [(n.op, n.target, str(n.args), str(n.kwargs)) for n in g.nodes]
+    return nodes(a) == nodes(b)
 
 
 def _owners_bottom_up(root: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -310,36 +345,39 @@ def _owners_bottom_up(root: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
 def _fold_traced(root: nn.Module) -> nn.Module:
     """Folds the activations that forward methods apply to a BatchNorm's output (a shared
     ``self.relu``, ``F.relu(self.bn(x))``), found by tracing each module with torch.fx, innermost
-    first. An activation module called once is swapped in place for a _FoldedActivation; an
-    activation function, or a module called more than once, is replaced in the graph of the
-    module that calls it, which becomes a torch.fx.GraphModule (same submodule names). Returns
-    the root, a GraphModule itself when its own forward was rewritten."""
+    first; only pairs present on every traced path (training and evaluation, optional arguments
+    given or not). An activation module called once is swapped in place for a
+    _FoldedActivation; an activation function, or a module called more than once, is replaced
+    in the graph of the module that calls it, which becomes a torch.fx.GraphModule (same
+    submodules, names and state; see _rewrite) when that graph is the same on every path.
+    Returns the root, a GraphModule itself when its own forward was rewritten."""
     untraceable: List[str] = []
     for name, owner in _owners_bottom_up(root):
         try:
-            graph = _LeafTracer().trace(owner)
+            graphs = _traces(owner)
         except Exception:  # noqa: BLE001  (any forward torch.fx cannot trace)
             if any(type(child) in _FUSED for child in owner.children()):
                 untraceable.append(name or type(owner).__name__)
             continue
-        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        found = [_foldable_pairs(g, owner) for g in graphs]
+        common = set(found[0]).intersection(*found[1:])
+        rewritable = (len(graphs) == 2 and _same_graph(*graphs) and not _has_hooks(owner)
+                      and all(p.kind == p.POSITIONAL_OR_KEYWORD
+                              for p in inspect.signature(owner.forward).parameters.values()))
         rewrites = []
-        for node in list(graph.nodes):
-            found = _foldable_pair(node, owner, calls)
-            if found is None:
-                continue
-            user, spec = found
-            if user.op == "call_module" and calls[user.target] == 1:
+        for key in sorted(common, key=lambda key: key[0]):
+            node, user, spec, shared = found[0][key]
+            if not any(f[key][3] for f in found):  # an activation module called once everywhere
                 _set(owner, node.target, _fold(owner.get_submodule(node.target), spec))
                 _set(owner, user.target, _FoldedActivation(owner.get_submodule(user.target)))
-            elif not _has_hooks(owner):  # a GraphModule would not carry the owner's hooks
+            elif rewritable:
                 rewrites.append((node, user, spec))
         if rewrites:
-            new = _rewrite(owner, graph, rewrites)
-            if new is not owner:
-                if not name:
-                    return new
+            new = _rewrite(owner, graphs[0], rewrites)
+            if name:
                 _set(root, name, new)
+            else:
+                root = new
     if untraceable:
         warnings.warn(
             "custom_bn.convert_model: fuse_activation=True folds no activation into the BatchNorm "
@@ -350,12 +388,15 @@ def _fold_traced(root: nn.Module) -> nn.Module:
 
 def _rewrite(owner: nn.Module, graph: torch.fx.Graph, rewrites) -> nn.Module:
     """``owner`` as a GraphModule whose graph calls a fused BatchNorm instead of BatchNorm then
-    activation; ``owner`` itself when the GraphModule would lose part of its state."""
+    activation. It holds ``owner``'s very submodules (not the containers torch.fx would make for
+    the paths the graph uses), parameters, buffers and training flag, plus one placeholder per
+    folded activation; it remembers ``owner`` (an _Origin) for ``to="torch"``."""
     gm = torch.fx.GraphModule(owner, graph, class_name=type(owner).__name__)
-    if gm.state_dict().keys() != owner.state_dict().keys():  # e.g. a submodule forward never calls
-        warnings.warn(f"custom_bn.convert_model: fuse_activation=True leaves {type(owner).__name__} "
-                      "unfused: its traced graph does not use all of its parameters and buffers")
-        return owner
+    vars(gm).update(_modules=dict(owner._modules), _parameters=dict(owner._parameters),
+                    _buffers=dict(owner._buffers),
+                    _non_persistent_buffers_set=set(owner._non_persistent_buffers_set))
+    gm.training = owner.training
+    gm._custom_bn_origin = _Origin(owner)
     for node, user, spec in rewrites:
         original = (gm.get_submodule(user.target) if user.op == "call_module"
                     else _activation_module(*spec))
@@ -375,14 +416,20 @@ def _rewrite(owner: nn.Module, graph: torch.fx.Graph, rewrites) -> nn.Module:
 
 # ----------------------------------------------------------------------------- the conversion
 
-def _replace(module: nn.Module, swap: Callable[[nn.Module], Optional[nn.Module]]) -> nn.Module:
-    """module with every submodule m for which swap(m) is not None replaced, depth first."""
+def _replace(module: nn.Module, swap: Callable[[nn.Module], Optional[nn.Module]],
+             memo: Optional[Dict[int, nn.Module]] = None) -> nn.Module:
+    """``swap(module)`` when not None, else ``module``, with the same done to its children, depth
+    first; a module found under several names (shared) is swapped once, so it stays shared."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
     new = swap(module)
-    if new is not None:
-        return new
-    for name, child in module.named_children():
-        setattr(module, name, _replace(child, swap))
-    return module
+    result = module if new is None else new
+    memo[id(module)] = result
+    for name, child in list(result._modules.items()):
+        if child is not None:
+            result._modules[name] = _replace(child, swap, memo)
+    return result
 
 
 def _to_custom_bn(m: nn.Module) -> Optional[nn.Module]:
@@ -397,12 +444,17 @@ def _to_custom_bn(m: nn.Module) -> Optional[nn.Module]:
     return new
 
 
+# custom_bn's own classes, which to="torch" converts (a user's subclass of one keeps its forward)
+_OWN = {BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
+        InPlaceBatchNormAct1d, InPlaceBatchNormAct2d, InPlaceBatchNormAct3d, SyncBatchNorm}
+
+
 def _to_torch(m: nn.Module) -> Optional[nn.Module]:
     if isinstance(m, _FoldedActivation):
         return m.activation
     if hasattr(m, "_custom_bn_origin"):
         return _restore_origin(m)
-    if not isinstance(m, _BatchNorm):
+    if type(m) not in _OWN:
         return None
     plain = rebuild(m, _TO_TORCH[next(c for c in type(m).__mro__ if c in _TO_TORCH)])
     activation = getattr(m, "activation", "identity")
@@ -412,14 +464,34 @@ def _to_torch(m: nn.Module) -> Optional[nn.Module]:
     return nn.Sequential(plain, _activation_module(activation, m.activation_param))
 
 
-def _warn_unconverted(module: nn.Module) -> None:
-    left = sorted({type(m).__name__ for m in module.modules()
-                   if isinstance(m, _TorchBatchNorm) and not isinstance(m, _BatchNorm)})
+def _to_sync(layer: nn.Module, process_group: Optional[Any]) -> nn.Module:
+    """custom_bn.SyncBatchNorm holding ``layer``'s state, for convert_sync_batchnorm: a foreign
+    layer is first converted as convert_model converts it, and a drop or activation module
+    custom_bn does not fuse is kept after the synchronized BatchNorm."""
+    layer = _to_custom_bn(layer) if _foreign_converter(layer) else layer
+    if isinstance(layer, _BatchNormDropAct2d):
+        new = rebuild(layer, _SyncBatchNormDropAct, process_group=process_group)
+        new.drop, new.act = layer.drop, layer.act
+        return new
+    return rebuild(layer, SyncBatchNorm, process_group=process_group,
+                   activation=getattr(layer, "activation", "identity"),
+                   activation_param=getattr(layer, "activation_param", None))
+
+
+def _warn_unconverted(module: nn.Module, to: str) -> None:
+    """Names the BatchNorm subclasses the conversion left: a foreign class (to custom_bn) or a
+    user's subclass of a custom_bn class (to torch), whose forward may differ."""
+    if to == "custom_bn":
+        left = {m for m in module.modules() if isinstance(m, _TorchBatchNorm)
+                and not isinstance(m, _BatchNorm)}
+        how = "custom_bn.register_conversion teaches convert_model a class"
+    else:
+        left = {m for m in module.modules() if isinstance(m, _BatchNorm)}
+        how = "convert them yourself"
     if left:
-        warnings.warn(
-            f"custom_bn.convert_model: left the BatchNorm subclasses {', '.join(left)} as they "
-            "are (their forward may differ from torch.nn's); custom_bn.register_conversion "
-            "teaches convert_model a class")
+        names = ", ".join(sorted({type(m).__name__ for m in left}))
+        warnings.warn(f"custom_bn.convert_model: left the BatchNorm subclasses {names} as they "
+                      f"are (their forward may differ from their base class's); {how}")
 
 
 def convert_model(module: nn.Module, fuse_activation: bool = False, to: str = "custom_bn") -> nn.Module:
@@ -437,18 +509,22 @@ def convert_model(module: nn.Module, fuse_activation: bool = False, to: str = "c
     the torch.nn classes are left alone, with a warning (their forward may differ).
 
     ``fuse_activation=True`` also folds a ReLU, LeakyReLU, ELU or SiLU applied directly to a
-    converted BatchNorm's output into a BatchNormAct: in an nn.Sequential, or an activation
-    module that a forward calls once, the activation's slot then holds an identity placeholder
-    (same names and state_dict keys); an activation function (``F.relu(self.bn(x))``) or a
-    module called more than once (torchvision's shared ``self.relu``) is rewritten in the
-    torch.fx graph of the innermost module that calls it, which becomes a GraphModule with the
-    same submodule names. Layers or activations with hooks are not folded (a hook would see
-    another tensor). Tracing keeps every module that owns buffers as one call, so no buffer
-    update runs during conversion.
+    converted BatchNorm's output into a BatchNormAct, where torch.fx finds that on every path
+    (training and evaluation, optional forward arguments given or not): in an nn.Sequential, or
+    an activation module that a forward calls once, the activation's slot then holds an
+    identity placeholder (same names and state_dict keys); an activation function
+    (``F.relu(self.bn(x))``) or a module called more than once (torchvision's shared
+    ``self.relu``) is rewritten in the torch.fx graph of the innermost module that calls it,
+    which becomes a GraphModule with that module's very submodules and state. Layers or
+    activations with hooks are not folded (a hook would see another tensor). Tracing keeps
+    every module that owns buffers or hooks as one call, so no buffer update and no hook runs
+    during conversion.
 
     ``to="torch"``: back to torch.nn (custom_bn BatchNorm, BatchNormAct, InPlaceBatchNormAct and
     SyncBatchNorm) or to the foreign class a layer was converted from; folded activations
-    return to their slots, so the round trip restores the structure and state_dict keys. A
+    return to their slots and rewritten modules to their class, so the round trip restores the
+    structure and state_dict keys. User subclasses of custom_bn classes are left, with a
+    warning. A
     fused layer built as such becomes ``nn.Sequential(BatchNorm, activation)``, whose weights
     sit one level deeper (``.0.``).
 
@@ -459,7 +535,7 @@ def convert_model(module: nn.Module, fuse_activation: bool = False, to: str = "c
     """
     if to == "custom_bn":
         module = _replace(module, _to_custom_bn)
-        _warn_unconverted(module)
+        _warn_unconverted(module, to)
         if fuse_activation:
             _fold_sequentials(module)
             module = _fold_traced(module)
@@ -467,5 +543,7 @@ def convert_model(module: nn.Module, fuse_activation: bool = False, to: str = "c
     if to == "torch":
         if fuse_activation:
             raise ValueError("custom_bn.convert_model: fuse_activation applies to to='custom_bn'")
-        return _replace(module, _to_torch)
+        module = _replace(module, _to_torch)
+        _warn_unconverted(module, to)
+        return module
     raise ValueError(f"custom_bn.convert_model: to must be 'custom_bn' or 'torch', got {to!r}")

@@ -193,16 +193,15 @@ class SyncBatchNorm(_BatchNormAct):
 def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:
     """Returns ``module`` with every BatchNorm layer replaced by a custom_bn.SyncBatchNorm over
     ``process_group``: torch.nn BatchNorm1d/2d/3d and SyncBatchNorm, and custom_bn's BatchNorm,
-    BatchNormAct (its activation kept) and InPlaceBatchNormAct (computed out of place). The same
+    BatchNormAct (its activation kept) and InPlaceBatchNormAct (computed out of place), and the
+    layers convert_model knows (timm's BatchNormAct2d: its activation fused or kept). The same
     parameter objects (so an optimizer built before keeps working), buffers and training flag
     are kept; a module that is itself a BatchNorm is returned converted. custom_bn.SyncBatchNorm
     layers are left as they are."""
-    from .convert import _rebuild  # convert imports this module
+    from .convert import _to_sync  # convert imports this module
 
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
-        return _rebuild(module, SyncBatchNorm, process_group=process_group,
-                        activation=getattr(module, "activation", "identity"),
-                        activation_param=getattr(module, "activation_param", None))
+        return _to_sync(module, process_group)
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, process_group))
     return module

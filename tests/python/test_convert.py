@@ -178,3 +178,125 @@ def test_subclasses_are_left_alone_and_bad_arguments_rejected():
     assert type(custom_bn.convert_model(nn.BatchNorm2d(3))) is custom_bn.BatchNorm2d
     with pytest.raises(ValueError, match="to must be"):
         custom_bn.convert_model(model, to="onnx")
+
+
+# ---------------------------------------------------------------- no surprises (review findings)
+
+def test_folding_in_a_block_keeps_its_submodules_hooks_class_and_flags():
+    """A block whose shared ReLU forces a graph rewrite keeps its very submodules (the
+    downsample Sequential stays a callable Sequential), its hooks are not called by the
+    conversion and fire afterwards, every flag stays, and to="torch" gives back the block's class."""
+    original = _model().eval()
+    reference = copy.deepcopy(original)
+    calls = []
+    original.layer2.downsample.register_forward_hook(lambda m, i, o: calls.append(type(o).__name__))
+    downsample = original.layer2.downsample
+    fused = custom_bn.convert_model(original, fuse_activation=True)
+    assert calls == []  # not called with fx proxies while tracing
+    assert fused.layer2.downsample is downsample and type(downsample) is nn.Sequential
+    assert not any(m.training for m in fused.modules())
+    x, _ = _data(0)
+    torch.testing.assert_close(fused(x), reference(x), rtol=1e-12, atol=1e-12)
+    assert calls == ["Tensor"]
+    back = custom_bn.convert_model(fused, to="torch")
+    assert type(back.layer1) is BasicBlock and type(back.layer2) is BasicBlock
+    assert [n for n, _ in back.named_modules()] == [n for n, _ in reference.named_modules()]
+    torch.testing.assert_close(back(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_folds_only_what_holds_on_every_path():
+    """A training-only op between BN and activation, traced in eval mode, and an optional
+    argument used between them: no fold there; the outputs equal torch.nn's on every path."""
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm1d(3), nn.ReLU()
+
+        def forward(self, x):
+            y = self.bn(x)
+            if self.training:
+                y = y - 1.0
+            return self.act(y)
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x, mask=None):
+            y = self.bn(x)
+            if mask is not None:
+                y = y * mask
+            return TF.relu(y)
+
+    x = torch.randn(6, 3, dtype=torch.float64)
+    mask = (torch.rand(6, 3) > 0.5).double()
+    for model, calls in ((Noisy(), [(x,)]), (Masked(), [(x,), (x, mask)])):
+        model = model.double().eval()
+        reference = copy.deepcopy(model)
+        converted = custom_bn.convert_model(model, fuse_activation=True)
+        assert type(converted.bn) is custom_bn.BatchNorm1d  # converted, not folded
+        for training in (False, True):
+            converted.train(training), reference.train(training)
+            for args in calls:
+                torch.testing.assert_close(converted(*args), reference(*args), rtol=1e-12, atol=1e-12)
+
+
+def test_shared_layers_sequential_subclasses_and_custom_bn_subclasses():
+    bn = nn.BatchNorm1d(3)
+
+    class Twice(nn.Sequential):
+        def forward(self, x):  # not the Sequential order: folding by index would be wrong
+            return self[2](self[1](x)) + self[0](x)
+
+    model = nn.Sequential(nn.ModuleList([bn, bn]), Twice(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.ReLU()))
+    model = model.double()
+    converted = custom_bn.convert_model(copy.deepcopy(model), fuse_activation=True)
+    shared = converted[0]
+    assert type(shared[0]) is custom_bn.BatchNorm1d and shared[0] is shared[1]
+    assert type(converted[1][1]) is custom_bn.BatchNorm1d and type(converted[1][2]) is nn.ReLU
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(converted[1](x), model[1](x), rtol=1e-12, atol=1e-12)
+
+    class Scaled(custom_bn.BatchNorm1d):  # a user's custom_bn subclass keeps its forward
+        def __init__(self, channels: int) -> None:
+            super().__init__(channels)
+            self.gain = nn.Parameter(torch.full((channels,), 2.0))
+
+        def forward(self, x):
+            return super().forward(x) * self.gain
+
+    mine = nn.Sequential(Scaled(3))
+    with pytest.warns(UserWarning, match="left the BatchNorm subclasses Scaled"):
+        back = custom_bn.convert_model(mine, to="torch")
+    assert type(back[0]) is Scaled
+
+
+@pytest.mark.parametrize("kind", ["full", "legacy"])
+def test_backward_hooks_move_with_the_layer(kind):
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double()
+    fired = []
+    register = model[1].register_full_backward_hook if kind == "full" else model[1].register_backward_hook
+    register(lambda m, grad_input, grad_output: fired.append(grad_output[0].detach().clone()))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    (reference(x) * x).sum().backward()
+    converted = custom_bn.convert_model(model)
+    (converted(x) * x).sum().backward()
+    assert len(fired) == 2
+    torch.testing.assert_close(fired[0], fired[1])
+
+
+def test_folded_then_synchronized_then_back_to_torch():
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, eps=1e-3), nn.SiLU()).double().eval()
+    synced = custom_bn.convert_sync_batchnorm(
+        custom_bn.convert_model(copy.deepcopy(reference), fuse_activation=True))
+    assert type(synced[1]) is custom_bn.SyncBatchNorm and synced[1].activation == "silu"
+    back = custom_bn.convert_model(synced, to="torch")
+    assert [type(m) for m in back] == [nn.Conv2d, nn.SyncBatchNorm, nn.SiLU]
+    reference.load_state_dict(back.state_dict(), strict=True)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for model in (synced, back):
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-12, atol=1e-12)

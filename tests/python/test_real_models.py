@@ -237,6 +237,18 @@ def test_timm_layers_convert_to_fused_layers_with_their_parameters():
     assert type(converted[-4].bn) is FrozenBatchNormAct2d
 
 
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_convert_sync_batchnorm_keeps_timm_activations(act):
+    torch.manual_seed(0)
+    timm_layer = TimmBatchNormAct2d(3, act_layer=act).double().eval()
+    with torch.no_grad():
+        timm_layer.running_mean.normal_()
+    synced = custom_bn.convert_sync_batchnorm(nn.Sequential(copy.deepcopy(timm_layer)))[0]
+    assert isinstance(synced, custom_bn.SyncBatchNorm)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(synced(x), timm_layer(x), rtol=1e-12, atol=1e-12)
+
+
 def test_channels_last_float32_resnet18_trains_in_lockstep():
     original = _build("torchvision resnet18", torch.float32).to(memory_format=torch.channels_last)
     reference = copy.deepcopy(original)
