@@ -227,3 +227,46 @@ def grads(out: Tensor, inputs: Dict[str, Optional[Tensor]], grad_out: Tensor) ->
     names = [k for k, v in inputs.items() if v is not None and v.requires_grad]
     got = torch.autograd.grad(out, [inputs[k] for k in names], grad_out)
     return dict(zip(names, got))
+
+
+@dataclass(frozen=True)
+class Args:
+    """One set of non-default arguments of a BatchNorm layer (torch.nn's plus custom_bn's
+    activation), shared by the tests of every layer: each is checked against torch.nn in float64
+    with the same values, so an argument lost or misread anywhere shows."""
+
+    eps: float = 1e-5
+    momentum: Optional[float] = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+    activation: str = "identity"
+    activation_param: Optional[float] = None
+
+    def module_kwargs(self) -> Dict[str, object]:
+        return {"eps": self.eps, "momentum": self.momentum, "affine": self.affine,
+                "track_running_stats": self.track_running_stats}
+
+    def activate(self, z: Tensor) -> Tensor:
+        """torch.nn.functional's activation with this case's parameter."""
+        F = torch.nn.functional
+        if self.activation == "relu":
+            return F.relu(z)
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(z, 0.01 if self.activation_param is None else self.activation_param)
+        if self.activation == "elu":
+            return F.elu(z, 1.0 if self.activation_param is None else self.activation_param)
+        if self.activation == "silu":
+            return F.silu(z)
+        return z
+
+
+# Each case reaches other code: eps far from the default, momentum 0 / 1 / None (cumulative) /
+# 0.7, activation parameters off their defaults, no affine parameters, no running statistics.
+ARG_CASES: Dict[str, Args] = {
+    "eps1e-3-m0.7-relu": Args(eps=1e-3, momentum=0.7, activation="relu"),
+    "eps0.1-m0-leaky0.2": Args(eps=0.1, momentum=0.0, activation="leaky_relu", activation_param=0.2),
+    "m1-elu0.5": Args(momentum=1.0, activation="elu", activation_param=0.5),
+    "mNone-identity": Args(momentum=None, eps=1e-3),
+    "no-affine-silu": Args(affine=False, eps=0.1, momentum=0.7, activation="silu"),
+    "no-stats-leaky3": Args(track_running_stats=False, activation="leaky_relu", activation_param=3.0),
+}

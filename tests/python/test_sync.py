@@ -18,26 +18,35 @@ import torch.nn.functional as TF
 from torch import nn
 
 import custom_bn
+from bn_testing import ARG_CASES, Args
 from dist_testing import run_distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 C = 3
-# (spatial shape, channels_last, activation, with residual)
+# (spatial shape, channels_last, activation, with residual, arguments): the arguments from the
+# shared cases (eps, momentum 0 / 1 / None, activation parameters), every activation with and
+# without a residual.
 CASES = [
-    ((), False, "identity", False),  # (N, C): BatchNorm1d
-    ((5,), False, "identity", False),  # (N, C, L)
-    ((4, 3), False, "identity", False),
-    ((4, 3), True, "identity", False),  # channels-last
-    ((2, 3, 2), False, "identity", False),  # BatchNorm3d
-    ((4, 3), True, "relu", True),  # the fused epilogue
-    ((4, 3), False, "elu", False),
+    ((), False, "identity", False, Args(momentum=0.3)),  # (N, C): BatchNorm1d
+    ((5,), False, "identity", False, ARG_CASES["mNone-identity"]),  # (N, C, L)
+    ((4, 3), False, "identity", True, Args(momentum=0.0, eps=0.1)),
+    ((4, 3), True, "identity", False, Args(momentum=1.0)),  # channels-last
+    ((2, 3, 2), False, "identity", False, Args(momentum=0.7, eps=1e-3)),  # BatchNorm3d
+    ((4, 3), True, "relu", True, ARG_CASES["eps1e-3-m0.7-relu"]),  # the fused epilogue
+    ((4, 3), False, "elu", False, ARG_CASES["m1-elu0.5"]),
+    ((4,), False, "elu", True, Args(activation="elu", activation_param=2.0)),
+    ((3, 2), True, "leaky_relu", True, ARG_CASES["eps0.1-m0-leaky0.2"]),
+    ((3,), False, "leaky_relu", False, ARG_CASES["no-stats-leaky3"]),
+    ((2, 2), False, "silu", True, ARG_CASES["no-affine-silu"]),
+    ((2, 2), False, "silu", False, Args(activation="silu")),
+    ((2, 2), False, "relu", False, Args(activation="relu", momentum=None)),
 ]
 BATCHES = {2: [3, 5], 3: [4, 0, 3]}  # uneven, and one rank with an empty batch
 
 
 def _case_tensors(index: int, batch: int):
-    spatial, channels_last, _, with_residual = CASES[index]
+    spatial, channels_last, _, with_residual, _ = CASES[index]
     g = torch.Generator().manual_seed(100 + index)
     shape = (batch, C, *spatial)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
@@ -54,40 +63,54 @@ def _sync_worker(rank: int, world_size: int) -> Dict[str, torch.Tensor]:
     sizes = BATCHES[world_size]
     start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
     out: Dict[str, torch.Tensor] = {}
-    for i, (_, channels_last, activation, _) in enumerate(CASES):
+    for i, (_, channels_last, activation, _, args) in enumerate(CASES):
         x, dy, residual, weight, bias = _case_tensors(i, sum(sizes))
         mine = x[start:stop].clone(memory_format=torch.preserve_format).requires_grad_()
         res = None if residual is None else residual[start:stop].clone().requires_grad_()
-        bn = custom_bn.SyncBatchNorm(C, momentum=0.3, activation=activation, dtype=torch.float64)
-        with torch.no_grad():
-            bn.weight.copy_(weight)
-            bn.bias.copy_(bias)
+        bn = custom_bn.SyncBatchNorm(C, activation=activation, activation_param=args.activation_param,
+                                     dtype=torch.float64, **args.module_kwargs())
+        if args.affine:
+            with torch.no_grad():
+                bn.weight.copy_(weight)
+                bn.bias.copy_(bias)
         y = bn(mine, res)
         y.backward(dy[start:stop])
         if channels_last and stop > start:
             assert y.is_contiguous(memory_format=torch.channels_last)
-        out.update({f"{i}.out": y, f"{i}.grad_input": mine.grad, f"{i}.grad_weight": bn.weight.grad,
-                    f"{i}.grad_bias": bn.bias.grad, f"{i}.running_mean": bn.running_mean,
-                    f"{i}.running_var": bn.running_var})
+        out.update({f"{i}.out": y, f"{i}.grad_input": mine.grad})
+        if args.affine:
+            out.update({f"{i}.grad_weight": bn.weight.grad, f"{i}.grad_bias": bn.bias.grad})
+        if args.track_running_stats:
+            out.update({f"{i}.running_mean": bn.running_mean, f"{i}.running_var": bn.running_var,
+                        f"{i}.num_batches_tracked": bn.num_batches_tracked})
         if res is not None:
             out[f"{i}.grad_residual"] = res.grad
     return out
 
 
 def _reference(index: int, batch: int):
-    _, _, activation, _ = CASES[index]
+    """torch.nn's BatchNorm with the case's arguments on the global batch, then the epilogue."""
+    _, _, activation, _, args = CASES[index]
     x, dy, residual, weight, bias = _case_tensors(index, batch)
     x.requires_grad_()
-    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
-    y = TF.batch_norm(x, rm, rv, w, b, True, 0.3, 1e-5)
+    bn = nn.BatchNorm1d(C, dtype=torch.float64, **args.module_kwargs())
+    bn._check_input_dim = lambda input: None  # any rank, as SyncBatchNorm
+    if args.affine:
+        with torch.no_grad():
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+    y = bn(x)
     if residual is not None:
         residual.requires_grad_()
         y = y + residual
-    y = {"identity": lambda t: t, "relu": torch.relu, "elu": TF.elu}[activation](y)
+    y = args.activate(y)
     y.backward(dy)
-    ref = {"out": y, "grad_input": x.grad, "grad_weight": w.grad, "grad_bias": b.grad,
-           "running_mean": rm, "running_var": rv}
+    ref = {"out": y, "grad_input": x.grad}
+    if args.affine:
+        ref.update(grad_weight=bn.weight.grad, grad_bias=bn.bias.grad)
+    if args.track_running_stats:
+        ref.update(running_mean=bn.running_mean, running_var=bn.running_var,
+                   num_batches_tracked=bn.num_batches_tracked)
     if residual is not None:
         ref["grad_residual"] = residual.grad
     return ref
@@ -109,11 +132,13 @@ def test_every_rank_equals_batch_norm_over_the_global_batch(world_size):
             for name in ("out", "grad_input", "grad_residual"):
                 if name in ref:
                     _close(res[f"{i}.{name}"], ref[name][start:stop], f"{what} {name}")
-            for name in ("running_mean", "running_var"):
-                _close(res[f"{i}.{name}"], ref[name], f"{what} {name}")
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                if name in ref:
+                    _close(res[f"{i}.{name}"], ref[name], f"{what} {name}")
         # Each rank holds its share of the parameters' gradients; DDP sums them.
         for name in ("grad_weight", "grad_bias"):
-            _close(sum(res[f"{i}.{name}"] for res in results), ref[name], f"case {CASES[i]} {name}")
+            if name in ref:
+                _close(sum(res[f"{i}.{name}"] for res in results), ref[name], f"case {CASES[i]} {name}")
 
 
 def _small_net(batch_norm) -> nn.Module:
