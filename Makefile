@@ -19,7 +19,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 # `make` and `pip install` build the Python extension with the same flags.)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc)))
 
-.PHONY: setup build build-python build-cmake test test-cpp test-python test-install test-large test-sanitize mutation demo bench bench-cpp clean
+.PHONY: setup build build-python build-cmake test test-cpp test-python test-install test-large test-sanitize mutation mutation-python demo bench bench-cpp clean
 
 setup: $(SETUP_STAMP)
 	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
@@ -97,6 +97,13 @@ test-sanitize: setup
 # any survives. MUTANTS=id1 id2 ... runs only those.
 mutation: setup
 	nice $(PY) tests/mutation/run.py $(MUTANTS)
+
+# On demand, not in `make test`: mutmut over the Python package (tests/mutation/run_python.py
+# stages python/custom_bn as src/custom_bn in $TMPDIR/custom_bn-mutmut and runs mutmut there);
+# FILES=convert.py ... limits it to those modules.
+mutation-python: build-python
+	$(PY) -m pip install -q --disable-pip-version-check mutmut==3.8.1
+	nice $(PY) tests/mutation/run_python.py $(FILES)
 
 demo: build-python
 	$(PY) examples/train_digits.py
