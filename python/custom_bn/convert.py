@@ -141,10 +141,11 @@ class _SyncBatchNormDropAct(SyncBatchNorm):
         return self.act(self.drop(super().forward(input)))
 
 
-def _from_norm_act(plain: type, fused: type, then: type) -> Callable[[nn.Module], nn.Module]:
+def _from_norm_act(plain: type, fused: type, with_modules: type) -> Callable[[nn.Module], nn.Module]:
     """Converter of a BatchNorm subclass that applies ``self.drop`` then ``self.act`` after the
     normalization (timm's BatchNormAct2d, SyncBatchNormAct): the fused custom_bn layer when the
-    activation is one custom_bn fuses and there is no drop layer, else ``then`` holding both."""
+    activation is one custom_bn fuses and there is no drop layer, else ``with_modules`` holding
+    both."""
 
     def convert(layer: nn.Module) -> nn.Module:
         drop, act = getattr(layer, "drop", nn.Identity()), getattr(layer, "act", nn.Identity())
@@ -153,7 +154,7 @@ def _from_norm_act(plain: type, fused: type, then: type) -> Callable[[nn.Module]
             return rebuild(layer, plain)
         if type(drop) is nn.Identity and spec is not None:
             return rebuild(layer, fused, activation=spec[0], activation_param=spec[1])
-        new = rebuild(layer, then)
+        new = rebuild(layer, with_modules)
         new.drop, new.act = drop, act
         return new
 

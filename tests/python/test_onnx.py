@@ -13,6 +13,7 @@ from torch import nn
 
 import custom_bn
 import custom_bn.onnx
+from bn_testing import Args
 
 STANDARD = {"BatchNormalization", "Add", "Relu", "LeakyRelu", "Elu", "Sigmoid", "Mul", "Conv",
             "ReduceMean", "Slice", "Tile", "Expand", "Shape", "Constant", "CastLike", "Reshape",
@@ -45,16 +46,12 @@ class _Model(nn.Module):
 
 def _torch_forward(model: _Model, x: torch.Tensor) -> torch.Tensor:
     """_Model.forward computed with torch.nn.functional in evaluation mode."""
-    acts = {"identity": lambda y, p: y, "relu": lambda y, p: TF.relu(y),
-            "leaky_relu": lambda y, p: TF.leaky_relu(y, p), "elu": TF.elu,
-            "silu": lambda y, p: TF.silu(y)}
 
     def bn(m, x, residual=None):
         y = TF.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-        activation = getattr(m, "activation", "identity")
-        default = {"leaky_relu": 0.01, "elu": 1.0}.get(activation)
-        param = m.activation_param if getattr(m, "activation_param", None) is not None else default
-        return acts[activation](y if residual is None else y + residual, param)
+        act = Args(activation=getattr(m, "activation", "identity"),
+                   activation_param=getattr(m, "activation_param", None))
+        return act.activate(y if residual is None else y + residual)
 
     y = bn(model.bn, model.conv(x))
     z = bn(model.act, y, y * 0.5)

@@ -23,7 +23,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 import custom_bn
-from custom_bn.modules import _BatchNorm, _BatchNormAct
+from custom_bn.modules import _BatchNorm
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
